@@ -1,0 +1,195 @@
+"""The schedule IR: a compiled pattern's block visits, frozen and hashable.
+
+Per query block of a chunk, the key blocks it visits at step t are, in order:
+  current  -- chunk blocks (dense, or causal by frame),       static
+  sink     -- all blocks of frames [0, min(S, t*c)),          static
+  persist. -- the persistent set P_t (per KV head or shared),  runtime table
+  window   -- static offsets into the window, filtered by the window's start,
+              or the whole window when the static part is `All` and unbounded,
+  top-k    -- dynamic picks among the window's candidates,     runtime indices.
+The methods below are the one place that turns the IR into concrete block ids;
+backends use them (or mirror them in generated code) and the tests check them
+against the float64 reference, which implements DESIGN.md §3 independently.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+
+from .layout import VideoLayout
+from .neighborhood import SplitNeighborhood
+from .update import Update
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """The window segment lowered: static offsets and the dynamic Top-K rule."""
+
+    frames: Optional[int]              # W, None for unbounded
+    # Per chunk query block: static key offsets (frame offset from the chunk start, in [-lookback, -1],
+    # tile row, tile col); None when the static part is "the whole window" (All, unbounded).
+    static_offsets: Optional[tuple[tuple[tuple[int, int, int], ...], ...]]
+    lookback: Optional[int]            # frames the offsets reach back (None = unbounded)
+    split: SplitNeighborhood           # static part, TopK and how they combine
+
+    @property
+    def has_topk(self) -> bool:
+        return self.split.topk is not None
+
+
+@dataclass(frozen=True)
+class UpdatePlan:
+    capacity: int
+    shared_heads: bool
+    rule: Update
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Everything a backend needs to run the pattern; its `key` names the generated kernels."""
+
+    pattern_name: str
+    pattern_text: str
+    layout: VideoLayout
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    current: str                        # "dense" | "causal"
+    sink_frames: int
+    window: WindowPlan
+    update: Optional[UpdatePlan]
+    max_visits: Optional[int]           # steady-state max visits per query block (None: unbounded window)
+    shapes: "object"                    # sparsedsl.shapes.ShapeAnalysis (sympy), excluded from the key
+
+    # --- identity ---------------------------------------------------------------
+    @property
+    def key(self) -> str:
+        text = "|".join([self.pattern_text, str(self.num_heads), str(self.num_kv_heads),
+                         str(self.head_dim), self.dtype])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Schedule) and other.key == self.key
+
+    # --- geometry -----------------------------------------------------------------
+    @property
+    def chunk_frames(self) -> int:
+        return self.layout.chunk_frames
+
+    @property
+    def blocks_per_frame(self) -> int:
+        return self.layout.blocks_per_frame
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.update is None else self.update.capacity
+
+    def chunk_start_frame(self, step: int) -> int:
+        return step * self.chunk_frames
+
+    def window_frames_range(self, step: int) -> tuple[int, int]:
+        """[start, end) frames of the window at `step` (empty when start >= end)."""
+        end = step * self.chunk_frames
+        start = self.sink_frames if self.window.frames is None else max(
+            self.sink_frames, end - self.window.frames)
+        return min(start, end), end
+
+    def window_block_count(self, step: int) -> int:
+        start, end = self.window_frames_range(step)
+        return (end - start) * self.blocks_per_frame
+
+    def sink_blocks(self, step: int) -> list[int]:
+        frames = min(self.sink_frames, step * self.chunk_frames)
+        return list(range(frames * self.blocks_per_frame))
+
+    def evicted_frames(self, step: int) -> tuple[int, int]:
+        """Frames that leave the window when chunk `step` is committed: [start, end)."""
+        start_now, _ = self.window_frames_range(step)
+        start_next, _ = self.window_frames_range(step + 1)
+        return start_now, start_next
+
+    def query_coords(self, query_block: int) -> tuple[int, int, int]:
+        """(frame offset inside the chunk, tile row, tile col) of a chunk query block."""
+        return self.layout.block_coords(query_block)
+
+    # --- visits ------------------------------------------------------------------
+    def current_blocks(self, step: int, query_block: int) -> list[int]:
+        base = step * self.layout.chunk_blocks
+        if self.current == "dense":
+            return list(range(base, base + self.layout.chunk_blocks))
+        frame_in_chunk = query_block // self.blocks_per_frame
+        return list(range(base, base + (frame_in_chunk + 1) * self.blocks_per_frame))
+
+    def _window_blocks(self, step: int) -> range:
+        start, end = self.window_frames_range(step)
+        return range(start * self.blocks_per_frame, end * self.blocks_per_frame)
+
+    def static_window_blocks(self, step: int, query_block: int) -> list[int]:
+        """Window blocks chosen by the static part of the neighborhood, ascending."""
+        start, end = self.window_frames_range(step)
+        if start >= end or self.window.split.static is None:
+            return []
+        if self.window.static_offsets is None:
+            return list(self._window_blocks(step))
+        chunk_start = step * self.chunk_frames
+        blocks = []
+        for d, i, j in self.window.static_offsets[query_block]:
+            frame = chunk_start + d
+            if start <= frame < end:
+                blocks.append(self.layout.block_index(frame, i, j))
+        return sorted(blocks)
+
+    def topk_candidates(self, step: int, query_block: int) -> list[int]:
+        """Window blocks the dynamic Top-K may pick for this query block, ascending."""
+        if not self.window.has_topk:
+            return []
+        static = set(self.static_window_blocks(step, query_block))
+        window = self._window_blocks(step)
+        if self.window.split.mode == "union":
+            return [b for b in window if b not in static]
+        return [b for b in window if b in static]
+
+    def topk_count(self, step: int, query_block: int) -> int:
+        """How many blocks the Top-K picks: k (or ceil(fraction * window blocks)), at most the candidates."""
+        if not self.window.has_topk:
+            return 0
+        wanted = self.window.split.topk.count(self.window_block_count(step))
+        return min(wanted, len(self.topk_candidates(step, query_block)))
+
+    def visits(self, step: int, query_block: int, persistent: Sequence[int] = (),
+               topk: Sequence[int] = ()) -> tuple[int, ...]:
+        """The ordered key blocks of one query block (one head) given the runtime parts."""
+        static_window = self.static_window_blocks(step, query_block)
+        if self.window.split.mode == "intersection" and self.window.has_topk:
+            static_window = []  # the static part only names the Top-K's candidates
+        return tuple(self.current_blocks(step, query_block) + self.sink_blocks(step)
+                     + sorted(persistent) + static_window + list(topk))
+
+    def describe(self) -> str:
+        w = self.window
+        lines = [f"schedule {self.key} for '{self.pattern_name}'",
+                 f"  heads {self.num_heads} (kv {self.num_kv_heads}) x {self.head_dim}, {self.dtype}",
+                 f"  current: {self.current}, sink frames: {self.sink_frames}",
+                 f"  window: {'unbounded' if w.frames is None else f'{w.frames} frames'}, "
+                 f"static offsets: {'whole window' if w.static_offsets is None else max(len(o) for o in w.static_offsets)}"
+                 f" per query block (max), top-k: {w.split.topk or 'none'} ({w.split.mode or '-'})",
+                 f"  persistent capacity: {self.capacity}"
+                 + (f", {'shared' if self.update.shared_heads else 'per KV head'}, score = {self.update.rule.score}"
+                    if self.update else ""),
+                 f"  max visits per query block (steady state): {self.max_visits}"]
+        return "\n".join(lines)
+
+
+def dtype_bytes(dtype: str) -> int:
+    return {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}[dtype]
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
