@@ -176,6 +176,11 @@ def gather_keys(schedule: Schedule, state: RolloutState, k: torch.Tensor, v: tor
     K[:, :, first:] = k.double()
     V[:, :, first:] = v.double()
     held[:, :, state.step * lay.chunk_blocks:] = True
+    # Padding slots are never attended: zero them so that whatever they hold (even NaN)
+    # cannot reach the output through 0 * NaN.
+    key_valid = lay.valid_token_mask(n_keys // lay.blocks_per_frame)[None, None, :, None]
+    K = torch.where(key_valid, K, torch.zeros((), dtype=K.dtype))
+    V = torch.where(key_valid, V, torch.zeros((), dtype=V.dtype))
     return K, V, held
 
 
@@ -244,9 +249,13 @@ def commit(schedule: Schedule, state: RolloutState, q: torch.Tensor, k: torch.Te
                        kv={key: dict(blocks) for key, blocks in state.kv.items()},
                        persistent=copy.deepcopy(state.persistent))
     w_start, w_end = _window(schedule, step)
-    next_start, _ = _window(schedule, step + 1)
     window_blocks = list(range(w_start * nb, w_end * nb))
-    evicted = list(range(w_start * nb, next_start * nb))
+    # E_t: frames past the sink that were in the window (or the chunk) and are not in the next one.
+    W, S = schedule.window.frames, schedule.sink_frames
+    if W is None:
+        evicted = []
+    else:
+        evicted = list(range(max(S, step * c - W) * nb, max(S, (step + 1) * c - W) * nb))
     for b in range(state.batch):
         per_head_scores = {}
         if schedule.update is not None:

@@ -109,10 +109,16 @@ class Schedule:
         return list(range(frames * self.blocks_per_frame))
 
     def evicted_frames(self, step: int) -> tuple[int, int]:
-        """Frames that leave the window when chunk `step` is committed: [start, end)."""
-        start_now, _ = self.window_frames_range(step)
-        start_next, _ = self.window_frames_range(step + 1)
-        return start_now, start_next
+        """Frames that leave the window when chunk `step` is committed: [start, end).
+
+        E_t = [max(S, t*c - W), max(S, (t+1)*c - W)); sink frames never leave, and an
+        unbounded window evicts nothing.
+        """
+        if self.window.frames is None:
+            return 0, 0
+        c, S, W = self.chunk_frames, self.sink_frames, self.window.frames
+        start = max(S, step * c - W)
+        return start, max(start, (step + 1) * c - W)
 
     def query_coords(self, query_block: int) -> tuple[int, int, int]:
         """(frame offset inside the chunk, tile row, tile col) of a chunk query block."""

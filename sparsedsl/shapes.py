@@ -43,6 +43,10 @@ class ShapeAnalysis:
     def max_visits_at(self, step: int) -> int:
         return int(self.max_visits.subs(t, step))
 
+    def total_visits_at(self, step: int) -> int:
+        """Visits summed over the chunk's query blocks (one head) at `step`."""
+        return int(self.total_visits.subs(t, step))
+
     def flops(self, horizon_frames: int, dense: bool = False) -> int:
         """Attention FLOPs (forward, all heads, one layer, one batch element) to generate T frames."""
         per_step = self.dense_total_visits if dense else self.total_visits
