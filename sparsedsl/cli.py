@@ -81,6 +81,41 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    from . import compile as compile_pattern
+
+    pattern = load_pattern(args.pattern)
+    program = compile_pattern(pattern, num_heads=args.heads, num_kv_heads=args.kv_heads,
+                              head_dim=args.head_dim, dtype=args.dtype, backend=args.backend)
+    if not hasattr(program, "write_source"):
+        raise CliError(f"backend '{args.backend}' generates no source; use --backend triton")
+    path = program.write_source(args.out)
+    print(f"{program!r}\nwrote the generated Triton source to {path}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import compile as compile_pattern
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    pattern = load_pattern(args.pattern)
+    program = compile_pattern(pattern, num_heads=args.heads, head_dim=args.head_dim,
+                              backend=args.backend)
+    if not hasattr(program, "property_check"):
+        raise CliError(f"backend '{args.backend}' has no kernels to check")
+    print(f"checking {program!r} against the float64 reference on {args.examples} random small "
+          f"layouts ({args.device}) ...", flush=True)
+    report = program.property_check(examples=args.examples, device=args.device)
+    if report is None:
+        print(f"PASS: {args.examples} examples: visits, output, LSE and gradients match")
+        return 0
+    print(f"FAIL: counterexample (shrunk): {report}")
+    return 1
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from . import presets
 
@@ -299,6 +334,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", metavar="N", type=_nonnegative_int, default=None,
                    help="AR step drawn by --png (default: the first steady-state step)")
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("compile", help="write the generated Triton source of PATTERN",
+                       description="Compile PATTERN and write its generated kernels' source.")
+    p.add_argument("pattern", metavar="PATTERN", help="a preset name or a .py file defining `pattern`")
+    p.add_argument("--out", metavar="DIR", default="out/kernels", help="(default out/kernels)")
+    p.add_argument("--backend", default="triton", help="backend (default triton)")
+    p.add_argument("--heads", metavar="H", type=_positive_int, default=12)
+    p.add_argument("--kv-heads", metavar="HKV", type=_positive_int, default=None)
+    p.add_argument("--head-dim", metavar="D", type=_positive_int, default=128)
+    p.add_argument("--dtype", default="bfloat16")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("check", help="property-test PATTERN's kernels against the reference",
+                       description="Property-test the compiled kernels (select, forward, backward) "
+                                   "of PATTERN on random small layouts against the float64 "
+                                   "reference; print the shrunk counterexample if one fails.")
+    p.add_argument("pattern", metavar="PATTERN", help="a preset name or a .py file defining `pattern`")
+    p.add_argument("--examples", metavar="N", type=_positive_int, default=20)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--backend", default="auto",
+                   help="auto (Triton on cuda, PyTorch backend on cpu), triton or torch")
+    p.add_argument("--heads", metavar="H", type=_positive_int, default=2)
+    p.add_argument("--head-dim", metavar="D", type=_positive_int, default=16)
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("presets", help="list the preset patterns",
                        description="List the preset patterns with their one-line descriptions.")

@@ -159,7 +159,7 @@ def build_schedule(pattern: Pattern, options: CompileOptions, window: WindowPlan
         head_dim=options.head_dim, dtype=options.dtype,
         current="causal" if isinstance(pattern.current, Causal) else "dense",
         sink_frames=pattern.sink_frames, window=window, update=update,
-        max_visits=steady, shapes=shapes)
+        max_visits=steady, shapes=shapes, pattern=pattern)
 
 
 def lower(pattern: Pattern, num_heads: int = 12, num_kv_heads: Optional[int] = None,

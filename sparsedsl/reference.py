@@ -188,9 +188,20 @@ def attention(schedule: Schedule, state: RolloutState, q: torch.Tensor, k: torch
               v: torch.Tensor, scale: float | None = None):
     """Reference attention of one AR step. Returns (out [B,H,Lq,D] float64, lse [B,H,Lq], block_mask)."""
     _check_inputs(schedule, state, q, k, v)
+    block_mask = allowed_blocks(schedule, state, q)
+    out, lse = masked_attention(schedule, state, q, k, v, block_mask, scale)
+    return out, lse, block_mask
+
+
+def masked_attention(schedule: Schedule, state: RolloutState, q: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor, block_mask: torch.Tensor, scale: float | None = None):
+    """Float64 attention of one step on a given block mask [B, H, chunk_blocks, n_keys].
+
+    Used on its own to check a backend whose Top-K picks differ from the reference's only
+    by near-ties: its attention must still be exact on the blocks it chose.
+    """
     lay = schedule.layout
     group = schedule.num_heads // schedule.num_kv_heads
-    block_mask = allowed_blocks(schedule, state, q)
     K, V, held = gather_keys(schedule, state, k, v)
     held_q = held.repeat_interleave(group, dim=1)[:, :, None, :]
     if bool((block_mask & ~held_q).any()):
@@ -207,7 +218,7 @@ def attention(schedule: Schedule, state: RolloutState, q: torch.Tensor, k: torch
     out = probs @ V
     out = torch.where(q_valid[None, None, :, None], out, torch.zeros((), dtype=out.dtype))
     lse = torch.where(q_valid[None, None, :], lse, torch.full((), float("-inf"), dtype=lse.dtype))
-    return out, lse, block_mask
+    return out, lse
 
 
 # --- the update rule --------------------------------------------------------------------

@@ -63,6 +63,7 @@ class Schedule:
     update: Optional[UpdatePlan]
     max_visits: Optional[int]           # steady-state max visits per query block (None: unbounded window)
     shapes: "object"                    # sparsedsl.shapes.ShapeAnalysis (sympy), excluded from the key
+    pattern: "object" = None            # the Pattern it was lowered from (its text is in the key)
 
     # --- identity ---------------------------------------------------------------
     @property

@@ -1,0 +1,124 @@
+"""On-disk kernel cache: render once, write atomically, import with importlib.
+
+Key = sha256 over (generator version, spec fields, load variant, torch and
+triton versions). The file `pbsa_attn_<key>.py` lives in the cache directory
+(`$SPARSEDSL_KERNEL_CACHE`, else `~/.cache/sparsedsl/kernels`). Its first line
+names the key; a file whose first line does not match is re-rendered.
+
+Within a process, loaded modules are kept in a dict keyed by (spec, variant):
+a second load is one dict lookup (no hashing of versions, no file access).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from types import ModuleType
+
+from .kernel_spec import AttentionKernelSpec
+from .render import GENERATOR_VERSION, TEMPLATE_HASH, render_attention_source
+
+_LOADED: dict[tuple[AttentionKernelSpec, str], ModuleType] = {}
+_LOCK = threading.Lock()
+STATS = {"renders": 0, "disk_loads": 0}
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("SPARSEDSL_KERNEL_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.path.expanduser("~")) / ".cache" / "sparsedsl" / "kernels"
+
+
+def _versions() -> dict:
+    import torch
+    import triton
+
+    return {"torch": torch.__version__, "triton": triton.__version__}
+
+
+def kernel_key(spec: AttentionKernelSpec, variant: str) -> str:
+    payload = {
+        "generator": GENERATOR_VERSION,
+        "templates": TEMPLATE_HASH,
+        "spec": spec.as_dict(),
+        "variant": variant,
+        **_versions(),
+    }
+    blob = json.dumps(payload, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def kernel_path(spec: AttentionKernelSpec, variant: str) -> Path:
+    return cache_dir() / f"pbsa_attn_{kernel_key(spec, variant)}.py"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _first_line(path: Path) -> str:
+    try:
+        with open(path) as f:
+            return f.readline().strip()
+    except OSError:
+        return ""
+
+
+def load_attention_kernels(spec: AttentionKernelSpec, variant: str = "ptr") -> ModuleType:
+    """The generated module for (spec, variant); renders and writes it only on a cache miss."""
+    mod = _LOADED.get((spec, variant))
+    if mod is not None:
+        return mod
+    with _LOCK:
+        mod = _LOADED.get((spec, variant))
+        if mod is not None:
+            return mod
+        key = kernel_key(spec, variant)
+        path = cache_dir() / f"pbsa_attn_{key}.py"
+        marker = f"# sparsedsl-kernel-key: {key}"
+        if _first_line(path) != marker:
+            source = render_attention_source(spec, variant, key=key)
+            _atomic_write(path, source)
+            STATS["renders"] += 1
+        else:
+            STATS["disk_loads"] += 1
+        name = f"sparsedsl_kernels.pbsa_attn_{key}"
+        ispec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(ispec)
+        sys.modules[name] = mod  # Triton and inspect look modules up by name
+        ispec.loader.exec_module(mod)
+        mod.KERNEL_KEY = key
+        mod.KERNEL_PATH = str(path)
+        _LOADED[(spec, variant)] = mod
+        return mod
+
+
+def kernel_source(spec: AttentionKernelSpec, variant: str = "ptr") -> str:
+    """The generated Triton source text (as cached on disk)."""
+    return Path(load_attention_kernels(spec, variant).KERNEL_PATH).read_text()
+
+
+def clear_memory_cache() -> None:
+    """Forget loaded modules (the disk cache stays); for tests."""
+    with _LOCK:
+        _LOADED.clear()

@@ -1,0 +1,320 @@
+"""Launchers for the generated PBSA attention kernels (forward, backward).
+
+These functions take already validated inputs (see codegen/validate.py) and
+return plain tensors; `codegen.autograd` wires them into autograd.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+from .cache import load_attention_kernels
+from .kernel_spec import AttentionKernelSpec, KernelConfig
+from .transpose import build_transposed_schedule
+
+_INT32_MAX = 2**31 - 1
+
+# Debug/test switch: fill every output buffer with NaN before the launch, so an
+# element a kernel forgot to write shows up as NaN instead of stale memory.
+POISON_OUTPUTS = False
+
+
+def _out_like(t: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(t)
+    if POISON_OUTPUTS:
+        out.fill_(float("nan"))
+    return out
+
+
+def _out(*shape, dtype, device) -> torch.Tensor:
+    out = torch.empty(*shape, dtype=dtype, device=device)
+    if POISON_OUTPUTS:
+        out.fill_(float("nan"))
+    return out
+
+
+def interpreter_active() -> bool:
+    active = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if active:
+        from . import _interp_compat
+
+        _interp_compat.install()
+    return active
+
+
+@functools.lru_cache(maxsize=None)
+def _device_props(index: int):
+    p = torch.cuda.get_device_properties(index)
+    return p.multi_processor_count, torch.cuda.get_device_capability(index)
+
+
+def default_config(spec: AttentionKernelSpec, device: torch.device) -> KernelConfig:
+    """Tuning defaults per device (the GPU numbers come from bench/gpu_attention.py)."""
+    if device.type != "cuda" or interpreter_active():
+        # the interpreter pays per op, not per FLOP: take whole blocks per step
+        bt = min(spec.block_tokens, 128)
+        return KernelConfig(
+            variant="ptr", warp_specialize=False,
+            fwd_block_m=bt, fwd_block_n=bt, fwd_kv_splits=1,
+            dq_block_m=bt, dq_block_n=bt, dkdv_block_m=bt, dkdv_block_n=bt,
+        ).fitted(spec)
+    _, cap = _device_props(device.index if device.index is not None else torch.cuda.current_device())
+    hopper = cap[0] >= 9
+    return KernelConfig(
+        variant="desc" if hopper else "ptr",
+        warp_specialize=hopper,
+        fwd_block_m=128, fwd_block_n=128, fwd_warps=8, fwd_stages=3, fwd_kv_splits=0,
+        dq_block_m=128, dq_block_n=128, dq_warps=8, dq_stages=2,
+        dkdv_block_m=64, dkdv_block_n=128, dkdv_warps=8, dkdv_stages=2,
+        bwd_warp_specialize=False, bwd_fused=True,
+    ).fitted(spec)
+
+
+def _alloc(size: int, alignment: int, stream):
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def _ensure_allocator() -> None:
+    """Device-side tensor descriptors need scratch memory from triton.set_allocator.
+    Triton keeps the allocator in a context variable, and autograd runs the backward
+    on its own thread, so it is (cheaply) set before every descriptor launch."""
+    import triton
+
+    triton.set_allocator(_alloc)
+
+
+def _variant_for(cfg: KernelConfig, spec, q, rows_q: int, rows_pool: int, tensors) -> str:
+    """The load variant to render for this call ('desc' only where TMA descriptors are legal)."""
+    if not q.is_cuda:
+        interpreter_active()  # installs the interpreter shims before any launch
+    if cfg.variant != "desc":
+        return "ptr"
+    if max(rows_q, rows_pool) > _INT32_MAX:
+        return "ptr"  # descriptor coordinates are int32
+    if any(t.data_ptr() % 16 for t in tensors):
+        return "ptr"  # TMA needs 16-byte aligned bases
+    if q.is_cuda:
+        _ensure_allocator()
+    return "desc"
+
+
+_WS_BROKEN: set = set()
+
+
+def _run(kernel, grid, *args, **kw):
+    """Launch; if a warp-specialised compile fails (Triton versions differ in what they
+    accept), fall back to the software-pipelined loop once and remember it."""
+    key = (id(kernel), kw.get("BLOCK_M"), kw.get("BLOCK_N"), kw.get("num_warps"), kw.get("num_stages"))
+    if kw.get("WARP_SPEC") and key in _WS_BROKEN:
+        kw["WARP_SPEC"] = False
+    try:
+        return kernel[grid](*args, **kw)
+    except Exception as e:  # compile-time failure of the warp-specialised variant
+        if not kw.get("WARP_SPEC") or isinstance(e, ValueError):
+            raise
+        import warnings
+
+        warnings.warn(f"warp-specialised compile failed ({type(e).__name__}: {str(e)[:200]}); "
+                      "falling back to warp_specialize=False", RuntimeWarning)
+        _WS_BROKEN.add(key)
+        kw["WARP_SPEC"] = False
+        return kernel[grid](*args, **kw)
+
+
+def _auto_splits(n_programs: int, device: torch.device) -> int:
+    """KV splits per query tile that best fill the last wave of SMs (1 off CUDA)."""
+    if device.type != "cuda":
+        return 1
+    sms, _ = _device_props(device.index if device.index is not None else torch.cuda.current_device())
+    best, best_cost = 1, None
+    for s in (1, 2, 3, 4):
+        waves = n_programs * s / sms
+        # time in units of one unsplit program; each split adds a little fixed cost
+        cost = math.ceil(waves) / s + (0.04 * (s > 1)) + 0.01 * (s - 1)
+        if best_cost is None or cost < best_cost - 1e-9:
+            best, best_cost = s, cost
+    return best
+
+
+def _pool_or_dummy(spec, B, k_pool, v_pool, slot_valid):
+    """Kernels always get a non-empty pool (an empty pool is never read: counts are 0)."""
+    if k_pool.shape[2] > 0:
+        return k_pool, v_pool, slot_valid, k_pool.shape[2]
+    z = torch.zeros(B, spec.num_kv_heads, 1, spec.block_tokens, spec.head_dim, dtype=k_pool.dtype, device=k_pool.device)
+    return z, z, torch.zeros(B, spec.num_kv_heads, 1, dtype=torch.int32, device=k_pool.device), 1
+
+
+def _visits_or_dummy(spec, visit_slots):
+    if visit_slots.shape[-1] > 0:
+        return visit_slots
+    return torch.zeros(*visit_slots.shape[:-1], 1, dtype=torch.int32, device=visit_slots.device)
+
+
+def attention_forward(
+    spec: AttentionKernelSpec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_valid,
+    visit_slots, visit_count, scale: float, config: KernelConfig | None = None,
+):
+    """Run the forward kernel; returns (o, lse)."""
+    cfg = (config or default_config(spec, q.device)).fitted(spec)
+    B = q.shape[0]
+    H, NQB, BT, D = spec.num_heads, spec.num_query_blocks, spec.block_tokens, spec.head_dim
+    k_pool, v_pool, slot_valid, nslots = _pool_or_dummy(spec, B, k_pool, v_pool, slot_valid)
+    visit_slots = _visits_or_dummy(spec, visit_slots)
+    variant = _variant_for(
+        cfg, spec, q, B * H * NQB * BT, B * spec.num_kv_heads * nslots * BT,
+        (q, k_cur, v_cur, k_pool, v_pool),
+    )
+    mod = load_attention_kernels(spec, variant)
+    o = _out_like(q)
+    lse = _out(B, H, NQB, BT, dtype=torch.float32, device=q.device)
+    bm, bn = cfg.fwd_block_m, cfg.fwd_block_n
+    n_prog = B * H * NQB * (BT // bm)
+    splits = cfg.fwd_kv_splits or _auto_splits(n_prog, q.device)
+    if splits > 1:
+        o_part = _out(splits, B * H * NQB * BT, D, dtype=torch.float32, device=q.device)
+        lse_part = _out(splits, B * H * NQB * BT, dtype=torch.float32, device=q.device)
+    else:
+        o_part, lse_part = o, lse  # unused
+    ws = bool(cfg.warp_specialize and q.is_cuda)
+    _run(mod.pbsa_fwd_kernel, (n_prog * splits,),
+        q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_valid, visit_slots, visit_count,
+        o, lse, o_part, lse_part,
+        B, nslots, scale,
+        BLOCK_M=bm, BLOCK_N=bn, KV_SPLITS=splits, WARP_SPEC=ws,
+        num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+    )
+    if splits > 1:
+        cbm = min(BT, 64)
+        mod.pbsa_fwd_combine_kernel[(B * H * NQB * BT // cbm,)](
+            o_part, lse_part, cur_valid, o, lse, B, BLOCK_M=cbm, KV_SPLITS=splits, num_warps=4,
+        )
+    return o, lse
+
+
+def attention_backward(
+    spec: AttentionKernelSpec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_valid,
+    visit_slots, visit_count, o, lse, do, dlse, scale: float,
+    need_kv_cur: bool = True, need_pool: bool = False, config: KernelConfig | None = None,
+):
+    """Run the backward kernels; returns (dq, dk_cur, dv_cur, dk_pool, dv_pool) (None where not needed)."""
+    cfg = (config or default_config(spec, q.device)).fitted(spec)
+    need_pool = need_pool and k_pool.shape[2] > 0
+    if cfg.bwd_fused and (need_kv_cur or need_pool):
+        return launch_bwd_fused(spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_valid, visit_slots,
+                                visit_count, o, lse, do, dlse, scale, need_pool, cfg)
+    dq, delta = launch_dq(spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_valid,
+                          visit_slots, visit_count, o, lse, do, dlse, scale, cfg)
+    dk_cur = dv_cur = dk_pool = dv_pool = None
+    if need_kv_cur or need_pool:
+        dk_cur, dv_cur, dk_pool, dv_pool = launch_dkdv(
+            spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_valid, visit_slots, visit_count,
+            lse, do, delta, scale, need_pool, cfg)
+    return dq, dk_cur, dv_cur, dk_pool, dv_pool
+
+
+def launch_bwd_fused(spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_valid, visit_slots, visit_count,
+                     o, lse, do, dlse, scale, need_pool: bool, cfg: KernelConfig):
+    """DELTA pre-pass, then dQ and dK/dV programs in one launch; returns (dq, dk_cur, dv_cur, dk_pool, dv_pool)."""
+    B = q.shape[0]
+    H, NQB, BT, D = spec.num_heads, spec.num_query_blocks, spec.block_tokens, spec.head_dim
+    nslots_real = k_pool.shape[2]
+    need_pool = need_pool and nslots_real > 0
+    kp, vp, sv, nslots = _pool_or_dummy(spec, B, k_pool, v_pool, slot_valid)
+    vs = _visits_or_dummy(spec, visit_slots)
+    do = do.contiguous()
+    variant = _variant_for(
+        cfg, spec, q, B * H * NQB * BT, B * spec.num_kv_heads * nslots * BT, (q, k_cur, v_cur, kp, vp, do),
+    )
+    mod = load_attention_kernels(spec, variant)
+    delta = _out(B, H, NQB, BT, dtype=torch.float32, device=q.device)
+    has_dlse = dlse is not None
+    pbm = min(BT, 64)
+    mod.pbsa_bwd_preprocess_kernel[(B * H * NQB * BT // pbm,)](
+        o, do, dlse.contiguous().float() if has_dlse else lse, cur_valid, delta,
+        BLOCK_M=pbm, HAS_DLSE=has_dlse, num_warps=4,
+    )
+    ts = build_transposed_schedule(spec, visit_slots, visit_count, nslots_real, include_pool=need_pool)
+    dq = _out_like(q)
+    dk_cur = _out_like(k_cur)
+    dv_cur = _out_like(v_cur)
+    dk_pool = dv_pool = None
+    if need_pool:
+        dk_pool = _out_like(k_pool)
+        dv_pool = _out_like(v_pool)
+    n_dq = B * H * NQB * (BT // cfg.dq_block_m)
+    n_kv = ts.num_items * (BT // cfg.dkdv_block_n)
+    mod.pbsa_bwd_fused_kernel[(n_dq + n_kv,)](
+        q, k_cur, v_cur, cur_valid, kp, vp, sv, vs, visit_count,
+        o, do, lse, dq, delta, dk_cur, dv_cur,
+        dk_pool if need_pool else dk_cur, dv_pool if need_pool else dv_cur,
+        ts.item_order, ts.row_ptr, ts.visitors,
+        B, nslots, ts.num_items_per_head, n_dq, scale,
+        DQ_BLOCK_M=cfg.dq_block_m, DQ_BLOCK_N=cfg.dq_block_n,
+        KV_BLOCK_M=cfg.dkdv_block_m, KV_BLOCK_N=cfg.dkdv_block_n,
+        num_warps=max(cfg.dq_warps, cfg.dkdv_warps), num_stages=cfg.dkdv_stages,
+    )
+    return dq, dk_cur, dv_cur, dk_pool, dv_pool
+
+
+def launch_dq(spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_valid, visit_slots, visit_count,
+              o, lse, do, dlse, scale, cfg: KernelConfig):
+    """dQ kernel (also writes DELTA = rowsum(O*dO) - dLSE); returns (dq, delta)."""
+    B = q.shape[0]
+    H, NQB, BT = spec.num_heads, spec.num_query_blocks, spec.block_tokens
+    kp, vp, sv, nslots = _pool_or_dummy(spec, B, k_pool, v_pool, slot_valid)
+    vs = _visits_or_dummy(spec, visit_slots)
+    variant = _variant_for(
+        cfg, spec, q, B * H * NQB * BT, B * spec.num_kv_heads * nslots * BT, (q, k_cur, v_cur, kp, vp),
+    )
+    mod = load_attention_kernels(spec, variant)
+    do = do.contiguous()
+    dq = _out_like(q)
+    delta = _out(B, H, NQB, BT, dtype=torch.float32, device=q.device)
+    has_dlse = dlse is not None
+    dlse_t = dlse.contiguous().float() if has_dlse else lse
+    bm, bn = cfg.dq_block_m, cfg.dq_block_n
+    _run(mod.pbsa_bwd_dq_kernel, (B * H * NQB * (BT // bm),),
+        q, k_cur, v_cur, cur_valid, kp, vp, sv, vs, visit_count,
+        o, do, lse, dlse_t, dq, delta,
+        B, nslots, scale,
+        BLOCK_M=bm, BLOCK_N=bn, HAS_DLSE=has_dlse, WARP_SPEC=bool(cfg.bwd_warp_specialize and q.is_cuda),
+        num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
+    )
+    return dq, delta
+
+
+def launch_dkdv(spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_valid, visit_slots, visit_count,
+                lse, do, delta, scale, need_pool: bool, cfg: KernelConfig):
+    """Transposed schedule + dK/dV kernel; returns (dk_cur, dv_cur, dk_pool, dv_pool)."""
+    B = q.shape[0]
+    H, NQB, BT = spec.num_heads, spec.num_query_blocks, spec.block_tokens
+    nslots_real = k_pool.shape[2]
+    need_pool = need_pool and nslots_real > 0
+    kp, vp, sv, nslots = _pool_or_dummy(spec, B, k_pool, v_pool, slot_valid)
+    variant = _variant_for(
+        cfg, spec, q, B * H * NQB * BT, B * spec.num_kv_heads * nslots * BT, (q, k_cur, v_cur, kp, vp, do),
+    )
+    mod = load_attention_kernels(spec, variant)
+    do = do.contiguous()
+    ts = build_transposed_schedule(spec, visit_slots, visit_count, nslots_real, include_pool=need_pool)
+    dk_cur = _out_like(k_cur)
+    dv_cur = _out_like(v_cur)
+    dk_pool = dv_pool = None
+    if need_pool:
+        dk_pool = _out_like(k_pool)
+        dv_pool = _out_like(v_pool)
+    bm, bn = cfg.dkdv_block_m, cfg.dkdv_block_n
+    _run(mod.pbsa_bwd_dkdv_kernel, (ts.num_items * (BT // bn),),
+        q, k_cur, v_cur, cur_valid, kp, vp, sv,
+        do, lse, delta, dk_cur, dv_cur,
+        dk_pool if need_pool else dk_cur, dv_pool if need_pool else dv_cur,
+        ts.item_order, ts.row_ptr, ts.visitors,
+        B, nslots, ts.num_items_per_head, scale,
+        BLOCK_M=bm, BLOCK_N=bn, WARP_SPEC=bool(cfg.bwd_warp_specialize and q.is_cuda),
+        num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages,
+    )
+    return dk_cur, dv_cur, dk_pool, dv_pool

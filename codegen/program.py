@@ -1,0 +1,300 @@
+"""A compiled pattern at run time: schedule -> kernel spec, visit tables, select, attention.
+
+    program = sparsedsl.compile(pattern, num_heads=12, head_dim=128, backend="triton")
+    out, lse = program.attention(q, k, v, tables)       # one AR step, tables from the cache
+
+Per step the program (1) lays out the static visits of every query block (sink, persistent,
+static window offsets) as pool slots with a few torch index ops, (2) runs the fused select
+(query representatives, representative attention, Top-K over the window) which appends the
+dynamic picks to the same table, and (3) runs the generated attention kernel, which reads
+K/V in place from the pool. No dense mask is built at any point.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from sparsedsl.explain import explain as explain_schedule
+from sparsedsl.schedule import Schedule
+
+from . import select as select_ops
+from .kernel_spec import AttentionKernelSpec
+from .tables import BlockTables
+
+KERNEL_DTYPES = {"float16", "bfloat16", "float32"}
+
+
+def _pow2_at_least(x: int, floor: int) -> int:
+    return max(floor, 1 << max(0, (x - 1).bit_length()))
+
+
+class PBSAProgram:
+    """Runs a schedule with the generated Triton kernels (`backend="triton"`) or the PyTorch
+    backend over the same tables (`backend="torch"`, CPU and fallback)."""
+
+    def __init__(self, schedule: Schedule, backend: str = "auto", config=None):
+        if backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"backend = {backend!r}: expected 'auto', 'triton' or 'torch'")
+        self.schedule = schedule
+        self.backend = backend
+        self.config = config
+        lay = schedule.layout
+        self.kernel_block_tokens = _pow2_at_least(lay.block_tokens, 16)
+        self.kernel_head_dim = _pow2_at_least(schedule.head_dim, 16)
+        self.scale = 1.0 / math.sqrt(schedule.head_dim)
+        self.cur_valid_host = torch.tensor(list(lay.frame_valid_tokens) * lay.chunk_frames,
+                                           dtype=torch.int32)
+
+    # --- compile-time views -------------------------------------------------------------
+    def max_cached_visits(self, step: int) -> int:
+        """Width of the visit table: the steady-state bound for bounded windows (one kernel for
+        the whole rollout), a power-of-two bucket of the step's bound otherwise."""
+        s = self.schedule
+        current_min = (s.blocks_per_frame if s.current == "causal" else s.layout.chunk_blocks)
+        if s.window.frames is not None:
+            return max(16, -(-(s.max_visits - current_min) // 16) * 16)
+        need = s.shapes.max_visits_at(step) - current_min
+        return _pow2_at_least(max(need, 1), 16)
+
+    def kernel_spec(self, step: int, dtype: str | None = None) -> AttentionKernelSpec:
+        s = self.schedule
+        dtype = dtype or s.dtype
+        if dtype not in KERNEL_DTYPES:
+            raise ValueError(f"dtype = {dtype!r}: the kernels run in {sorted(KERNEL_DTYPES)}")
+        return AttentionKernelSpec(
+            block_tokens=self.kernel_block_tokens, head_dim=self.kernel_head_dim,
+            num_heads=s.num_heads, num_kv_heads=s.num_kv_heads, dtype=dtype,
+            chunk_frames=s.chunk_frames, blocks_per_frame=s.blocks_per_frame, current=s.current,
+            max_cached_visits=self.max_cached_visits(step),
+            has_padding=s.layout.has_padding or self.kernel_block_tokens != s.layout.block_tokens)
+
+    @property
+    def source(self) -> str:
+        """The generated Triton source of this pattern's attention kernels (steady state)."""
+        from .cache import kernel_source
+        step = 10**4 if self.schedule.window.frames is not None else 8
+        dtype = self.schedule.dtype if self.schedule.dtype in KERNEL_DTYPES else "float32"
+        header = [f"# {line}" for line in (self.schedule.describe().splitlines() +
+                                           str(self.schedule.pattern).splitlines())]
+        return "\n".join(header) + "\n" + kernel_source(self.kernel_spec(step, dtype), "ptr")
+
+    def write_source(self, out_dir) -> "Path":
+        """Write the generated source to OUT_DIR/<pattern>-<key>.py (atomically); return the path."""
+        import os
+        import tempfile
+        from pathlib import Path
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"{self.schedule.pattern_name}-{self.schedule.key}.py"
+        fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(self.source)
+        os.replace(tmp, path)
+        return path
+
+    def property_check(self, examples: int = 20, device: str = "cpu", dtypes=None):
+        """Property-test this program's kernels (select, forward, backward) against the float64
+        reference on small layouts of the same pattern; None if all pass, else the shrunk
+        counterexample as text."""
+        from .check import property_check
+        if dtypes is None:
+            dtypes = ("float32",) if device == "cpu" else ("float32", "bfloat16", "float16")
+        backend = self.backend if self.backend != "auto" else ("triton" if device == "cuda" else "torch")
+        return property_check(self.schedule.pattern, examples=examples, device=device,
+                              backend=backend, dtypes=dtypes)
+
+    def explain(self, **kwargs) -> str:
+        spec = self.kernel_spec(10**4 if self.schedule.window.frames is not None else 8,
+                                self.schedule.dtype if self.schedule.dtype in KERNEL_DTYPES
+                                else "float32")
+        return (explain_schedule(self.schedule, **kwargs) +
+                f"\n\nkernels ({self.backend}): block {spec.block_tokens} tokens x head dim "
+                f"{spec.head_dim}, visit table width {spec.max_cached_visits}, "
+                f"padding masks {'on' if spec.has_padding else 'compiled out'}")
+
+    # --- the static part of the visits ----------------------------------------------------
+    def static_window_positions(self, step: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions [NQB, SMAX] int32, counts [NQB] int32): window positions of each query
+        block's static neighborhood at `step` (position p = block w_start*nb + p)."""
+        s = self.schedule
+        w_start, w_end = s.window_frames_range(step)
+        key = (step * s.chunk_frames - w_start, w_end - w_start)
+        pos, cnt = _static_positions(s, key, step)
+        return pos.to(device), cnt.to(device)
+
+    def visit_tables(self, q_blocks: torch.Tensor, tables: BlockTables, step: int,
+                     select_backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        """Pool slots each (batch, head, query block) visits, and how many: static + Top-K."""
+        s = self.schedule
+        dev = q_blocks.device
+        B, H, NQB = q_blocks.shape[:3]
+        group = s.num_heads // s.num_kv_heads
+        head_kv = torch.arange(H, device=dev) // group
+        nb, c = s.blocks_per_frame, s.chunk_frames
+        parts, masks = [], []
+        n_sink = min(s.sink_frames, step * c) * nb
+        if n_sink:
+            sink = tables.sink_slots[:, :, :n_sink].index_select(1, head_kv)
+            parts.append(sink[:, :, None, :].expand(B, H, NQB, n_sink))
+            masks.append(torch.ones(1, 1, 1, n_sink, dtype=torch.bool, device=dev).expand(B, H, NQB, n_sink))
+        if s.capacity:
+            cmax = tables.persistent_slots.shape[-1]
+            pers = tables.persistent_slots.index_select(1, head_kv)[:, :, None, :].expand(B, H, NQB, cmax)
+            used = (torch.arange(cmax, device=dev) <
+                    tables.persistent_count.index_select(1, head_kv)[..., None])
+            parts.append(pers)
+            masks.append(used[:, :, None, :].expand(B, H, NQB, cmax))
+        pos, cnt = self.static_window_positions(step, dev)
+        split = s.window.split
+        if pos.shape[1] and not (split.topk is not None and split.mode == "intersection"):
+            win = tables.window_slots.index_select(1, head_kv)  # [B, H, NWMAX]
+            idx = pos.long().clamp(min=0)
+            gathered = win[:, :, idx.reshape(-1)].reshape(B, H, NQB, pos.shape[1])
+            parts.append(gathered)
+            used = torch.arange(pos.shape[1], device=dev)[None, :] < cnt[:, None]
+            masks.append(used[None, None].expand(B, H, NQB, pos.shape[1]))
+        maxv = self.max_cached_visits(step)
+        if parts:
+            slots = torch.cat(parts, dim=-1)
+            valid = torch.cat(masks, dim=-1)
+            order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)  # compact
+            slots = torch.gather(slots, -1, order)
+            count = valid.sum(-1, dtype=torch.int32)
+        else:
+            slots = torch.zeros(B, H, NQB, 0, dtype=torch.int32, device=dev)
+            count = torch.zeros(B, H, NQB, dtype=torch.int32, device=dev)
+        visit_slots = torch.zeros(B, H, NQB, maxv, dtype=torch.int32, device=dev)
+        width = min(maxv, slots.shape[-1])
+        visit_slots[..., :width] = slots[..., :width].to(torch.int32)
+        visit_count = count.contiguous()
+        if split.topk is not None:
+            n_window = s.window_block_count(step)
+            k = split.topk.count(n_window)
+            if k and n_window:
+                cur_valid = self.cur_valid_host.to(dev)
+                q_rep = select_ops.block_representatives(q_blocks, cur_valid, backend=select_backend)
+                select_ops.select_topk(q_rep, tables.k_rep, tables.window_slots, n_window, pos,
+                                       cnt, split.mode, k, visit_slots, visit_count,
+                                       backend=select_backend)
+        return visit_slots, visit_count
+
+    # --- attention ------------------------------------------------------------------------
+    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, h, NQB*bt, d] tile-major -> [B, h, NQB, BT, D] zero-padded for the kernel."""
+        lay = self.schedule.layout
+        bt, d = lay.block_tokens, x.shape[-1]
+        x = x.reshape(x.shape[0], x.shape[1], lay.chunk_blocks, bt, d)
+        return F.pad(x, (0, self.kernel_head_dim - d, 0, self.kernel_block_tokens - bt)).contiguous()
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: BlockTables,
+                  return_visits: bool = False):
+        """One AR step. q [B, H, NQB*bt, d], k/v [B, Hkv, NQB*bt, d] in the tile-major layout.
+
+        Returns (out [B, H, NQB*bt, d], lse [B, H, NQB*bt] float32) and, with
+        `return_visits`, the (visit_slots, visit_count) tables the kernel ran on.
+        """
+        from .autograd import pbsa_attention
+        s, lay = self.schedule, self.schedule.layout
+        _check_step_inputs(s, q, k, v, tables)
+        step = tables.step
+        backend = self.backend
+        if backend == "auto":
+            backend = "triton" if q.is_cuda else "torch"
+        qb, kb, vb = self._blocks(q), self._blocks(k), self._blocks(v)
+        visit_slots, visit_count = self.visit_tables(qb.detach(), tables, step,
+                                                     select_backend=backend)
+        spec = self.kernel_spec(step, str(q.dtype).replace("torch.", ""))
+        out, lse = pbsa_attention(spec, qb, kb, vb, self.cur_valid_host.to(q.device),
+                                  tables.k_pool, tables.v_pool, tables.slot_valid, visit_slots,
+                                  visit_count, self.scale, backend=backend, config=self.config)
+        bt, d = lay.block_tokens, q.shape[-1]
+        out = out[..., :bt, :d].reshape(q.shape)
+        lse = lse[..., :bt].reshape(q.shape[:-1])
+        if return_visits:
+            return out, lse, (visit_slots, visit_count)
+        return out, lse
+
+    def visited_blocks(self, visit_slots, visit_count, tables: BlockTables) -> list:
+        """Global block ids of the cached visits: [b][h][qb] -> sorted list (for checks, export)."""
+        s = self.schedule
+        group = s.num_heads // s.num_kv_heads
+        slot_block = tables.slot_block.cpu()
+        vs, vc = visit_slots.cpu(), visit_count.cpu()
+        B, H, NQB = vc.shape
+        return [[[sorted(int(slot_block[b, h // group, vs[b, h, q, i]])
+                         for i in range(int(vc[b, h, q]))) for q in range(NQB)]
+                 for h in range(H)] for b in range(B)]
+
+    def to_block_mask(self, q: torch.Tensor, tables: BlockTables):
+        """The step's visits as a FlexAttention BlockMask over the global key blocks
+        [0, (step+1) * chunk_blocks) (for interop and benchmarks; padding is not masked)."""
+        from torch.nn.attention.flex_attention import BlockMask
+        s = self.schedule
+        step = tables.step
+        visit_slots, visit_count = self.visit_tables(self._blocks(q).detach(), tables, step)
+        blocks = self.visited_blocks(visit_slots, visit_count, tables)
+        n_keys = (step + 1) * s.layout.chunk_blocks
+        B, H, NQB = visit_count.shape
+        kv_indices = torch.zeros(B, H, NQB, n_keys, dtype=torch.int32)
+        kv_num = torch.zeros(B, H, NQB, dtype=torch.int32)
+        for b in range(B):
+            for h in range(H):
+                for qb in range(NQB):
+                    row = blocks[b][h][qb] + s.current_blocks(step, qb)
+                    kv_num[b, h, qb] = len(row)
+                    kv_indices[b, h, qb, :len(row)] = torch.tensor(sorted(row), dtype=torch.int32)
+        return BlockMask.from_kv_blocks(kv_num.to(q.device), kv_indices.to(q.device),
+                                        BLOCK_SIZE=s.layout.block_tokens)
+
+    def __repr__(self) -> str:
+        return f"PBSAProgram({self.schedule.pattern_name}, key={self.schedule.key}, backend={self.backend})"
+
+    def new_cache(self, batch: int = 1, num_layers: int = 1, device="cpu", dtype=None,
+                  max_frames: int | None = None):
+        """A RolloutCache for this program (codegen/rollout_cache.py): per layer a block pool of
+        the schedule's peak size and the block tables `attention` reads, updated by
+        `cache.commit(layer, q, k, v)` after each chunk's clean pass. `max_frames` bounds an
+        unbounded window's pool (else it grows), or shrinks a bounded one for short rollouts."""
+        from .rollout_cache import RolloutCache
+        return RolloutCache(self, batch=batch, num_layers=num_layers, device=device, dtype=dtype,
+                            max_frames=max_frames)
+
+
+@lru_cache(maxsize=256)
+def _static_positions(schedule: Schedule, key, step: int):
+    lay = schedule.layout
+    w_start, _ = schedule.window_frames_range(step)
+    rows = [[b - w_start * lay.blocks_per_frame for b in schedule.static_window_blocks(step, qb)]
+            for qb in range(lay.chunk_blocks)]
+    width = max((len(r) for r in rows), default=0)
+    pos = torch.full((lay.chunk_blocks, width), -1, dtype=torch.int32)
+    for qb, r in enumerate(rows):
+        pos[qb, :len(r)] = torch.tensor(r, dtype=torch.int32)
+    cnt = torch.tensor([len(r) for r in rows], dtype=torch.int32)
+    return pos, cnt
+
+
+def _check_step_inputs(s: Schedule, q, k, v, tables: BlockTables) -> None:
+    lay = s.layout
+    n = lay.chunk_blocks * lay.block_tokens
+    B = tables.batch
+    for name, x, heads in (("q", q, s.num_heads), ("k", k, s.num_kv_heads), ("v", v, s.num_kv_heads)):
+        want = (B, heads, n, s.head_dim)
+        if tuple(x.shape) != want:
+            raise ValueError(f"{name}.shape = {tuple(x.shape)}: expected {want} "
+                             "(batch, heads, chunk tokens in tile-major layout, head_dim)")
+        if x.device != tables.k_pool.device:
+            raise ValueError(f"{name}.device = {x.device} but the cache is on {tables.k_pool.device}")
+        if x.dtype != tables.k_pool.dtype:
+            raise ValueError(f"{name}.dtype = {x.dtype} but the cache holds {tables.k_pool.dtype}")
+
+
+def triton_program(schedule: Schedule, **options) -> PBSAProgram:
+    return PBSAProgram(schedule, backend="triton", **options)
+
+
+def torch_program(schedule: Schedule, **options) -> PBSAProgram:
+    return PBSAProgram(schedule, backend="torch", **options)

@@ -1,0 +1,442 @@
+"""The memory update rule, compiled: the pattern's sympy score printed into generated code.
+
+After the clean pass of chunk t (DESIGN.md §3), the candidates P_t ∪ E_t of every
+(batch, KV head) are scored with the pattern's expression over the statistics
+`importance`, `previous`, `age`, and the `capacity` best (ties to the lower block
+index) become P_{t+1}. This module turns the expression into source code, once per
+expression, in two dialects printed from the same sympy tree:
+
+    score_torch(importance, previous, age)   a torch function (CPU, fallback)
+    score_triton(importance, previous, age)  a @triton.jit function, inlined into
+    update_kernel(...)                       one program per (batch, KV head): score the
+                                             candidates, rank them, rewrite the tables
+
+The module is written to the kernel cache directory (`codegen.cache.cache_dir()`) as
+`pbsa_update_<key>.py`, key = sha256(generator version, the expression's srepr, torch and
+triton versions), atomically, and imported with importlib; within a process a second
+load is one dict lookup (like the attention kernels, codegen/cache.py).
+
+`update_step(...)` is the one entry point the rollout cache calls; both paths compute
+the same thing:
+
+    for each (b, g), candidates i in [0, NC) given as pool slots cand_slots[b, g, i],
+    the first NP of them the current persistent set, all in ascending block order:
+        block    = slot_block[slot]           previous = slot_score[slot] if i < NP else 0
+        age      = AGE0 - block // NB         (AGE0 = (t+1)*c - 1)
+        score    = <expression>(importance[b, g, i], previous, age)   in float32
+        rank     = #{j : score_j > score_i or (score_j == score_i and j < i)}
+                   (NaN ranks like -inf, -0.0 equals +0.0: a strict total order)
+        winners (rank < CAP), in candidate order (= ascending block index):
+            persistent_slots[b, g, :min(NC, CAP)], slot_score[slot] = score
+        losers, in candidate order: pushed on the free list at free_list[b, g, FREE_AT:],
+            slot_block[slot] = -1, slot_valid[slot] = 0, slot_score[slot] = 0
+        persistent_count[b, g] = min(NC, CAP)
+    scores[b, g, :NC] = the candidates' scores (an output, for inspection).
+
+Winners stay in their pool slots: no K/V is copied. No host synchronisation: NP, NC,
+CAP, AGE0 and FREE_AT are host integers known from the schedule.
+
+Printable expressions: numbers, the three statistics, + - * /, powers (integer powers
+unrolled, x**(1/2) as sqrt, other powers as exp(y*log(x))), exp, log, sqrt, Abs, sign,
+floor, ceiling, sin, cos, tan, tanh, Max, Min, Piecewise and comparisons. Anything else
+raises `UnsupportedScoreError` naming the function, when the program builds its cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import sympy
+import torch
+
+GENERATOR_VERSION = "update-1"
+STATISTICS = ("importance", "previous", "age")
+SUPPORTED = ("numbers", "importance", "previous", "age", "+", "-", "*", "/", "**", "exp",
+             "log", "sqrt", "Abs", "sign", "floor", "ceiling", "sin", "cos", "tan", "tanh",
+             "Max", "Min", "Piecewise", "comparisons (<, <=, >, >=, ==, !=)", "And", "Or", "Not")
+
+
+class UnsupportedScoreError(ValueError):
+    """The score expression uses something the code generator cannot print."""
+
+
+# ==================================================================================
+# printing sympy -> torch / triton source
+# ==================================================================================
+_FUNCS = {
+    # name: (torch form, triton form), each a format string over the printed arguments
+    "exp": ("torch.exp({0})", "tl.exp({0})"),
+    "log": ("torch.log({0})", "tl.log({0})"),
+    "Abs": ("torch.abs({0})", "tl.abs({0})"),
+    "sin": ("torch.sin({0})", "tl.sin({0})"),
+    "cos": ("torch.cos({0})", "tl.cos({0})"),
+    "tan": ("torch.tan({0})", "(tl.sin({0}) / tl.cos({0}))"),
+    "tanh": ("torch.tanh({0})", "(1.0 - 2.0 / (tl.exp(2.0 * {0}) + 1.0))"),
+    "floor": ("torch.floor({0})", "tl.floor({0})"),
+    "ceiling": ("torch.ceil({0})", "tl.ceil({0})"),
+    "sign": ("torch.sign({0})", "tl.where({0} > 0.0, 1.0, tl.where({0} < 0.0, -1.0, 0.0))"),
+}
+_REL = {"StrictGreaterThan": ">", "StrictLessThan": "<", "GreaterThan": ">=",
+        "LessThan": "<=", "Equality": "==", "Unequality": "!="}
+
+
+def print_score(expr, dialect: str) -> str:
+    """Source text of `expr` over the names importance, previous, age.
+
+    dialect "torch": torch ops on float32 tensors; "triton": triton.language ops.
+    """
+    if dialect not in ("torch", "triton"):
+        raise ValueError(f"dialect = {dialect!r}, allowed: 'torch' or 'triton'")
+    tri = dialect == "triton"
+    lib = "tl" if tri else "torch"
+
+    def num(value) -> str:
+        v = float(value)
+        if v != v:
+            return "float('nan')"
+        if v in (float("inf"), float("-inf")):
+            return f"float('{'-' if v < 0 else ''}inf')"
+        return repr(v)
+
+    def where(cond: str, a: str, b: str) -> str:
+        return f"{lib}.where({cond}, {a}, {b})"
+
+    def p(e) -> str:
+        if e.is_Symbol:
+            if e.name not in STATISTICS:
+                raise UnsupportedScoreError(f"score uses the symbol {e.name!r}; only "
+                                            + ", ".join(STATISTICS) + " are statistics")
+            return e.name
+        if e is sympy.true:
+            return "True"
+        if e is sympy.false:
+            return "False"
+        if e.is_Number or e.is_NumberSymbol:
+            return num(e)
+        if e.is_Add:
+            return "(" + " + ".join(p(a) for a in e.args) + ")"
+        if e.is_Mul:
+            num_part, rest = e.as_coeff_Mul()
+            if num_part == -1:
+                return f"(-{p(rest)})"
+            return "(" + " * ".join(p(a) for a in e.args) + ")"
+        if e.is_Pow:
+            base, ex = e.args
+            if ex == sympy.Rational(1, 2):
+                return f"{lib}.sqrt({p(base)})"
+            if ex == sympy.Rational(-1, 2):
+                return f"(1.0 / {lib}.sqrt({p(base)}))"
+            if ex.is_Integer and 0 < abs(int(ex)) <= 16:
+                b = p(base)
+                prod = "(" + " * ".join([b] * abs(int(ex))) + ")"
+                return prod if int(ex) > 0 else f"(1.0 / {prod})"
+            if ex == 0:
+                return "1.0"
+            # x ** y = exp(y * log(x)) (real for x > 0, as the float functions are)
+            return f"{lib}.exp({p(ex)} * {lib}.log({p(base)}))"
+        name = type(e).__name__
+        if name in _FUNCS:
+            if len(e.args) != 1:
+                raise UnsupportedScoreError(f"{name} with {len(e.args)} arguments")
+            return _FUNCS[name][1 if tri else 0].format(p(e.args[0]))
+        if name in ("Max", "Min"):
+            parts = [p(a) for a in e.args]
+            out = parts[0]
+            op = ">=" if name == "Max" else "<="
+            for other in parts[1:]:
+                if tri:
+                    out = f"tl.{'maximum' if name == 'Max' else 'minimum'}({out}, {other})"
+                else:
+                    out = where(f"({out} {op} {other})", out, other)
+            return out
+        if name == "Piecewise":
+            out = "float('nan')"
+            for value, cond in reversed(e.args):
+                if cond is sympy.true:
+                    out = p(value)
+                else:
+                    out = where(p(cond), p(value), out)
+            return out
+        if name in _REL:
+            return f"({p(e.args[0])} {_REL[name]} {p(e.args[1])})"
+        if name in ("And", "Or"):
+            op = " & " if name == "And" else " | "
+            return "(" + op.join(p(a) for a in e.args) + ")"
+        if name == "Not":
+            return f"(~{p(e.args[0])})"
+        raise UnsupportedScoreError(
+            f"the update score uses {name}({', '.join(map(str, e.args))}), which the update "
+            f"code generator cannot print; supported: {', '.join(SUPPORTED)}")
+
+    return p(sympy.sympify(expr))
+
+
+# ==================================================================================
+# the generated module
+# ==================================================================================
+_TEMPLATE = '''# sparsedsl-update-key: {key}
+"""Generated by sparsedsl codegen/update_rule.py ({generator}): the persistent-memory update.
+
+    score = {expr}
+{header}
+Statistics per candidate (P_t ∪ E_t): importance (column sum of the chunk's block-level
+representative attention, averaged over the heads sharing the set), previous (the score
+after the last update, 0 for a block just evicted from the window), age (frames since the
+block's frame). Top-CAP by score, ties to the lower block index. See the generator's
+docstring for the full contract.
+"""
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - triton missing: the torch function still works
+    triton = None
+    tl = None
+
+SCORE = {expr_repr}
+
+
+def score_torch(importance, previous, age):
+    """The score in torch (float32 tensors of one shape)."""
+    return {torch_expr}
+
+
+if triton is not None:
+
+    @triton.jit
+    def score_triton(importance, previous, age):
+        return {triton_expr}
+
+    @triton.jit
+    def update_kernel(
+        imp_ptr, dom_ptr, sb_ptr, ss_ptr, sv_ptr, ps_ptr, pc_ptr, fl_ptr, sc_ptr,
+        NP, NC, CAP, NB, AGE0, FREE_AT,
+        si_b, si_h, si_n,
+        sd_b, sd_h, sd_n,
+        st_b, st_h, st_n,
+        sp_b, sp_h, sp_n,
+        sc_b, sc_h,
+        sf_b, sf_h, sf_n,
+        so_b, so_h, so_n,
+        BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+    ):
+        # one program = one (batch b, KV head g); candidates i < NC in ascending block order,
+        # the first NP of them the persistent set
+        g = tl.program_id(0).to(tl.int64)
+        b = tl.program_id(1).to(tl.int64)
+        imp_row = imp_ptr + b * si_b + g * si_h
+        dom_row = dom_ptr + b * sd_b + g * sd_h
+        sb_row = sb_ptr + b * st_b + g * st_h          # slot_block, slot_score and slot_valid
+        ss_row = ss_ptr + b * st_b + g * st_h          # share one [B, HKV, NSLOTS] layout
+        sv_row = sv_ptr + b * st_b + g * st_h
+        sc_row = sc_ptr + b * so_b + g * so_h
+
+        # 1. score every candidate once (kept in registers and in the scores output)
+        i = tl.arange(0, BLOCK_N)
+        ok = i < NC
+        slot = tl.load(dom_row + i * sd_n, mask=ok, other=0).to(tl.int64)
+        imp = tl.load(imp_row + i * si_n, mask=ok, other=0.0).to(tl.float32)
+        blk = tl.load(sb_row + slot * st_n, mask=ok, other=0)
+        prev = tl.load(ss_row + slot * st_n, mask=ok & (i < NP), other=0.0)
+        age = (AGE0 - blk // NB).to(tl.float32)
+        s = score_triton(imp, prev, age) + tl.zeros([BLOCK_N], dtype=tl.float32)
+        s = tl.where(s != s, float("-inf"), s)       # NaN ranks like -inf
+        s = tl.where(s == 0.0, 0.0, s)               # -0.0 ties with +0.0
+        tl.store(sc_row + i * so_n, s, mask=ok)
+        tl.debug_barrier()                           # scores visible to the whole program
+
+        # 2. rank = number of candidates that beat i (higher score, or equal and lower index)
+        rank = tl.zeros([BLOCK_N], dtype=tl.int32)
+        for j0 in range(0, NC, BLOCK_J):
+            j = j0 + tl.arange(0, BLOCK_J)
+            sj = tl.load(sc_row + j * so_n, mask=j < NC, other=float("-inf"))
+            beats = (sj[None, :] > s[:, None]) | ((sj[None, :] == s[:, None]) & (j[None, :] < i[:, None]))
+            beats = beats & (j < NC)[None, :]
+            rank += tl.sum(beats.to(tl.int32), axis=1)
+
+        # 3. rewrite: winners in candidate order = ascending block index; losers freed
+        win = ok & (rank < CAP)
+        lose = ok & (rank >= CAP)
+        wpos = tl.cumsum(win.to(tl.int32), axis=0) - 1
+        lpos = tl.cumsum(lose.to(tl.int32), axis=0) - 1
+        tl.debug_barrier()                           # every read of the slot tables is done
+        tl.store(ps_ptr + b * sp_b + g * sp_h + wpos * sp_n, slot.to(tl.int32), mask=win)
+        tl.store(ss_row + slot * st_n, s, mask=win)
+        tl.store(fl_ptr + b * sf_b + g * sf_h + (FREE_AT + lpos) * sf_n, slot.to(tl.int32), mask=lose)
+        tl.store(sb_row + slot * st_n, tl.full([BLOCK_N], -1, tl.int32), mask=lose)
+        tl.store(sv_row + slot * st_n, tl.zeros([BLOCK_N], dtype=tl.int32), mask=lose)
+        tl.store(ss_row + slot * st_n, tl.zeros([BLOCK_N], dtype=tl.float32), mask=lose)
+        tl.store(pc_ptr + b * sc_b + g * sc_h, tl.minimum(NC, CAP))
+'''
+
+
+def _versions() -> dict:
+    try:
+        import triton
+        tv = triton.__version__
+    except Exception:  # pragma: no cover
+        tv = "none"
+    return {"torch": torch.__version__, "triton": tv}
+
+
+def update_key(expr) -> str:
+    payload = {"generator": GENERATOR_VERSION, "template": hashlib.sha256(_TEMPLATE.encode()).hexdigest(),
+               "expr": sympy.srepr(sympy.sympify(expr)), **_versions()}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def render_update_source(expr, key: str = "uncached", header: tuple[str, ...] = ()) -> str:
+    expr = sympy.sympify(expr)
+    torch_expr = print_score(expr, "torch")
+    triton_expr = print_score(expr, "triton")
+    head = "".join(f"    {line}\n" for line in header)
+    return _TEMPLATE.format(key=key, generator=GENERATOR_VERSION, expr=str(expr),
+                            expr_repr=repr(str(expr)), header=head, torch_expr=torch_expr,
+                            triton_expr=triton_expr)
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """A loaded, generated update module for one score expression."""
+
+    expr: sympy.Expr
+    key: str
+    path: str
+    module: ModuleType
+
+    @property
+    def source(self) -> str:
+        return Path(self.path).read_text()
+
+    def score_torch(self, importance, previous, age):
+        out = self.module.score_torch(importance, previous, age)
+        if not isinstance(out, torch.Tensor):  # a constant score
+            out = torch.full_like(importance, float(out))
+        return out.to(torch.float32).expand_as(importance)
+
+    @property
+    def has_triton(self) -> bool:
+        return getattr(self.module, "update_kernel", None) is not None
+
+
+_LOADED: dict[str, UpdateRule] = {}
+_LOCK = threading.Lock()
+STATS = {"renders": 0, "disk_loads": 0}
+
+
+def load_update_rule(expr, header: tuple[str, ...] = ()) -> UpdateRule:
+    """The generated module of `expr`: rendered and written only on a cache miss."""
+    from .cache import _atomic_write, _first_line, cache_dir
+
+    expr = sympy.sympify(expr)
+    key = update_key(expr)
+    rule = _LOADED.get(key)
+    if rule is not None:
+        return rule
+    with _LOCK:
+        rule = _LOADED.get(key)
+        if rule is not None:
+            return rule
+        source = render_update_source(expr, key, header)  # raises UnsupportedScoreError early
+        path = cache_dir() / f"pbsa_update_{key}.py"
+        if _first_line(path) != f"# sparsedsl-update-key: {key}":
+            _atomic_write(path, source)
+            STATS["renders"] += 1
+        else:
+            STATS["disk_loads"] += 1
+        name = f"sparsedsl_kernels.pbsa_update_{key}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # Triton and inspect look modules up by name
+        spec.loader.exec_module(module)
+        rule = UpdateRule(expr, key, str(path), module)
+        _LOADED[key] = rule
+        return rule
+
+
+# ==================================================================================
+# the update step
+# ==================================================================================
+def _next_pow2(n: int, floor: int = 16) -> int:
+    return max(floor, 1 << max(0, (n - 1).bit_length()))
+
+
+def update_step(rule: UpdateRule, *, backend: str, importance: torch.Tensor,
+                cand_slots: torch.Tensor, num_persistent: int, num_candidates: int,
+                capacity: int, blocks_per_frame: int, age0: int, slot_block: torch.Tensor,
+                slot_score: torch.Tensor, slot_valid: torch.Tensor,
+                persistent_slots: torch.Tensor, persistent_count: torch.Tensor,
+                free_list: torch.Tensor, free_at: int, scores: torch.Tensor,
+                block_n: int | None = None) -> None:
+    """Score candidates, take Top-`capacity`, rewrite the tables in place (see module doc).
+
+    importance float32 [B, HKV, >= NC] (may be an expanded view for a shared set);
+    cand_slots int32 [B, HKV, >= NC]; slot_block / slot_valid int32 and slot_score float32
+    [B, HKV, NSLOTS], contiguous; persistent_slots int32 [B, HKV, CMAX >= min(NC, CAP)];
+    persistent_count int32 [B, HKV]; free_list int32 [B, HKV, NSLOTS] with room for the
+    losers at free_at; scores float32 [B, HKV, >= NC] (output). backend "triton" or
+    "torch"; `block_n` fixes the Triton tile (one compile per pattern).
+    """
+    NC, NP, CAP = num_candidates, num_persistent, capacity
+    if NC == 0:
+        return
+    if backend == "triton" and rule.has_triton:
+        import triton  # noqa: F401  (present: has_triton)
+        B, HKV = cand_slots.shape[:2]
+        block_n = block_n or _next_pow2(NC)
+        if block_n < NC:
+            raise ValueError(f"update_step: block_n = {block_n} < {NC} candidates")
+        block_j = min(block_n, 32)
+        warps = 4 if block_n <= 256 else 8
+        rule.module.update_kernel[(HKV, B)](
+            importance, cand_slots, slot_block, slot_score, slot_valid, persistent_slots,
+            persistent_count, free_list, scores,
+            NP, NC, CAP, blocks_per_frame, age0, free_at,
+            *importance.stride(), *cand_slots.stride(), *slot_block.stride(),
+            *persistent_slots.stride(), *persistent_count.stride(), *free_list.stride(),
+            *scores.stride(),
+            BLOCK_N=block_n, BLOCK_J=block_j, num_warps=warps)
+        return
+    _update_torch(rule, importance, cand_slots, NP, NC, CAP, blocks_per_frame, age0, slot_block,
+                  slot_score, slot_valid, persistent_slots, persistent_count, free_list, free_at,
+                  scores)
+
+
+def _update_torch(rule, importance, cand_slots, NP, NC, CAP, NB, AGE0, slot_block, slot_score,
+                  slot_valid, persistent_slots, persistent_count, free_list, free_at, scores):
+    dev = cand_slots.device
+    B, HKV = cand_slots.shape[:2]
+    slots = cand_slots[..., :NC].long()
+    idx = torch.arange(NC, device=dev)
+    blk = torch.gather(slot_block, 2, slots).long()
+    prev = torch.where(idx < NP, torch.gather(slot_score, 2, slots),
+                       torch.zeros((), device=dev, dtype=torch.float32))
+    age = (AGE0 - torch.div(blk, NB, rounding_mode="floor")).to(torch.float32)
+    s = rule.score_torch(importance[..., :NC].to(torch.float32), prev, age)
+    s = torch.where(torch.isnan(s), torch.full((), float("-inf"), device=dev), s)
+    s = torch.where(s == 0, torch.zeros((), device=dev), s)
+    scores[..., :NC] = s
+    # stable descending sort: equal scores keep candidate (= block) order
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, idx.expand(B, HKV, NC).contiguous())
+    win = rank < CAP
+    n_win = min(NC, CAP)
+    # compact winners then losers, each in candidate order (no host sync)
+    compact = torch.sort((~win).to(torch.int8), dim=-1, stable=True).indices
+    ordered = torch.gather(slots, 2, compact)
+    winners, losers = ordered[..., :n_win], ordered[..., n_win:]
+    persistent_slots[..., :n_win] = winners.to(torch.int32)
+    slot_score.scatter_(2, winners, torch.gather(s, 2, compact[..., :n_win]))
+    if losers.shape[-1]:
+        free_list[..., free_at:free_at + losers.shape[-1]] = losers.to(torch.int32)
+        slot_block.scatter_(2, losers, -1)
+        slot_valid.scatter_(2, losers, 0)
+        slot_score.scatter_(2, losers, 0.0)
+    persistent_count.fill_(n_win)
