@@ -67,3 +67,27 @@ def test_property_check_finds_a_broken_backend(monkeypatch):
 
 def test_property_check_passes_for_a_preset():
     assert property_check(sd.presets.get("sparse-forcing"), examples=4, backend="torch") is None
+
+
+def test_to_block_mask_exports_exactly_the_visited_blocks():
+    """The exported FlexAttention BlockMask holds exactly the reference's block mask.
+
+    (FlexAttention's numbers on that mask are compared with PBSA on the GPU, in the benchmark.)
+    """
+    from sparsedsl import reference
+    from sparsedsl.testing import chunk_tensors
+    from codegen.tables import tables_from_reference
+
+    layout = sd.VideoLayout(8, 8, (4, 4), 2)  # no padding: 16-token blocks
+    pattern = sd.presets.get("sparse-forcing", layout=layout, capacity=3, window_frames=2)
+    schedule = sd.lower(pattern, num_heads=2, head_dim=16, dtype="float32")
+    program = PBSAProgram(schedule, backend="torch")
+    chunks = chunk_tensors(schedule, 1, seed=3, steps=4)
+    state = reference.new_state(schedule, 1)
+    for step, (q, k, v) in enumerate(chunks):
+        tables = tables_from_reference(program, state, torch.float32, "cpu", seed=step)
+        mask = program.to_block_mask(q.float(), tables)
+        want = reference.allowed_blocks(schedule, state, q)
+        assert mask.seq_lengths == (q.shape[2], (step + 1) * q.shape[2])
+        assert torch.equal(mask.to_dense().bool(), want)
+        state = reference.commit(schedule, state, q, k, v)

@@ -1,0 +1,149 @@
+"""GPU checks and timings of the compiled program (select + attention), in one run.
+
+    cd /work/main && PYTHONPATH=. python3 bench/gpu_program.py
+
+1. correctness at Self-Forcing's spatial geometry (30 x 52 tokens, 8x8 and 8x16 tiles, D=128,
+   bf16 and fp32): the full program (visit tables, fused select, generated forward and backward)
+   against float64 attention on the visited blocks, and its Top-K against the reference's;
+2. the selection cost: query representatives + representative attention + Top-K, written
+   straight into the visit table, at the paper's profile point and at Self-Forcing's geometry,
+   next to the attention forward it feeds and to FlexAttention's per-step BlockMask build.
+Writes $OUT/program.md when OUT is set.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import time
+
+import torch
+import triton
+
+import sparsedsl as sd
+from codegen import select as select_ops
+from codegen.autograd import pbsa_attention
+from codegen.check import check_rollout
+from codegen.kernel_spec import AttentionKernelSpec
+
+lines: list[str] = []
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+    lines.append(text)
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100)
+
+
+def correctness() -> None:
+    say("## Correctness on the GPU (program vs float64 reference)")
+    say("")
+    say("| pattern | tile | heads | dtype | steps | result | seconds |")
+    say("|---|---|---|---|---|---|---|")
+    cases = [("sparse-forcing", (8, 8), torch.bfloat16), ("sparse-forcing", (8, 16), torch.bfloat16),
+             ("sparse-forcing", (8, 8), torch.float32), ("sliding-tile", (8, 8), torch.bfloat16),
+             ("moba", (8, 16), torch.float16)]
+    for name, tile, dtype in cases:
+        layout = sd.VideoLayout(30, 52, tile, 3)
+        overrides = {"layout": layout}
+        if name == "sparse-forcing":
+            overrides.update(window_frames=3, capacity=24)
+        if name == "moba":
+            overrides.update(k=8)
+        schedule = sd.lower(sd.presets.get(name, **overrides), num_heads=2, num_kv_heads=1,
+                            head_dim=128, dtype="float32")
+        start = time.time()
+        try:
+            check_rollout(schedule, "triton", dtype, seed=1, steps=4, batch=1, device="cuda")
+            result = "PASS"
+        except AssertionError as exc:
+            result = f"FAIL: {exc}"
+        say(f"| {name} | {tile[0]}x{tile[1]} | 2 (kv 1) | {str(dtype)[6:]} | 4 | {result} | "
+            f"{time.time() - start:.1f} |")
+    say("")
+
+
+def selection_cost() -> None:
+    say("## Selection cost vs the attention it feeds (bf16, B=1, H=12, D=128)")
+    say("")
+    say("| geometry | window blocks | Top-K | select algo | q reps ms | select ms | attention fwd ms | "
+        "select share of step | Flex BlockMask build ms |")
+    say("|---|---|---|---|---|---|---|---|---|")
+    dev = "cuda"
+    from torch.nn.attention.flex_attention import BlockMask
+    for label, nqb, bt, n_persist, n_window, frac in [
+            ("paper point (65K KV)", 36, 128, 32, 444, 0.0625),
+            ("paper point (65K KV)", 36, 128, 32, 444, 0.25),
+            ("Self-Forcing 8x8 tiles", 84, 64, 64, 168, 0.25)]:
+        B, H, D = 1, 12, 128
+        k = -(-int(frac * 10000) * n_window // 10000)
+        nslots = n_persist + n_window
+        g = torch.Generator(device=dev).manual_seed(0)
+        q = torch.randn(B, H, nqb, bt, D, device=dev, dtype=torch.bfloat16, generator=g)
+        kc = torch.randn(B, H, nqb, bt, D, device=dev, dtype=torch.bfloat16, generator=g)
+        kp = torch.randn(B, H, nslots, bt, D, device=dev, dtype=torch.bfloat16, generator=g)
+        cur_valid = torch.full((nqb,), bt, dtype=torch.int32, device=dev)
+        slot_valid = torch.full((B, H, nslots), bt, dtype=torch.int32, device=dev)
+        k_rep = select_ops.block_representatives(kp, slot_valid)
+        window_slots = (n_persist + torch.arange(n_window, device=dev, dtype=torch.int32)
+                        ).expand(B, H, n_window).contiguous()
+        static_pos = torch.zeros(nqb, 1, dtype=torch.int32, device=dev)
+        static_count = torch.zeros(nqb, dtype=torch.int32, device=dev)
+        maxv = -(-(n_persist + k) // 16) * 16
+        base_slots = torch.zeros(B, H, nqb, maxv, dtype=torch.int32, device=dev)
+        base_slots[..., :n_persist] = torch.arange(n_persist, dtype=torch.int32, device=dev)
+        base_count = torch.full((B, H, nqb), n_persist, dtype=torch.int32, device=dev)
+        spec = AttentionKernelSpec(block_tokens=bt, head_dim=D, num_heads=H, num_kv_heads=H,
+                                   dtype="bfloat16", chunk_frames=3, blocks_per_frame=nqb // 3,
+                                   current="dense", max_cached_visits=maxv, has_padding=False)
+        for algo in ("rounds", "sort"):
+            select_ops.SELECT_TOPK_ALGO = algo
+            t_rep = bench(lambda: select_ops.block_representatives(q, cur_valid, check_values=False))
+            q_rep = select_ops.block_representatives(q, cur_valid)
+
+            def run_select():
+                vs, vc = base_slots.clone(), base_count.clone()
+                select_ops.select_topk(q_rep, k_rep, window_slots, n_window, static_pos,
+                                       static_count, "union", k, vs, vc, check_values=False)
+                return vs, vc
+
+            t_clone = bench(lambda: (base_slots.clone(), base_count.clone()))
+            t_sel = max(bench(run_select) - t_clone, 0.0)
+            vs, vc = run_select()
+            t_att = bench(lambda: pbsa_attention(spec, q, kc, kc, cur_valid, kp, kp, slot_valid,
+                                                 vs, vc, validate=False))
+            # FlexAttention would rebuild its BlockMask from the same visits every step
+            n_keys = nqb + nslots
+            kv_idx = torch.zeros(B, H, nqb, n_keys, dtype=torch.int32, device=dev)
+            kv_idx[..., :maxv] = vs + nqb
+            kv_num = vc + 0
+            t_flex = bench(lambda: BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=bt))
+            share = (t_rep + t_sel) / (t_rep + t_sel + t_att)
+            say(f"| {label} | {n_window} | {k} ({frac:.2%}) | {algo} | {t_rep:.4f} | {t_sel:.4f} | "
+                f"{t_att:.4f} | {share:.1%} | {t_flex:.4f} |")
+    select_ops.SELECT_TOPK_ALGO = "auto"
+    say("")
+
+
+def main() -> int:
+    props = torch.cuda.get_device_properties(0)
+    say(f"# Program checks and selection cost on {props.name}")
+    say("")
+    say(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
+        f"triton {triton.__version__}; command: `PYTHONPATH=. python3 bench/gpu_program.py`")
+    say("")
+    if "--no-check" not in sys.argv:
+        correctness()
+    selection_cost()
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "program.md"), "w") as handle:
+            handle.write("\n".join(lines) + "\n")
+    return 1 if any("FAIL" in line for line in lines) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
