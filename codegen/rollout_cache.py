@@ -442,7 +442,7 @@ class RolloutCache:
                 nd = np_ + plan.nw
                 dom = self._dom
                 dom[..., :np_] = L.persistent_slots[..., :np_]
-                dom[..., np_:nd] = L.window_slots[..., :plan.nw]
+                dom[..., np_:nd] = L.window_slots[..., :plan.nw].flip(-1)
                 q_rep = self._reps(q.reshape(B, H, self.nqb, bt, d), self._cur_valid)
                 imp = select_ops.block_importance(q_rep, L.k_rep, dom, nd, self.program.scale,
                                                   backend=self.backend, check_values=False)

@@ -146,14 +146,17 @@ def print_score(expr, dialect: str) -> str:
                 raise UnsupportedScoreError(f"{name} with {len(e.args)} arguments")
             return _FUNCS[name][1 if tri else 0].format(p(e.args[0]))
         if name in ("Max", "Min"):
-            parts = [p(a) for a in e.args]
+            consts = [a for a in e.args if a.is_Number]   # sympy folds them into one
+            parts = [p(a) for a in e.args if not a.is_Number]
             out = parts[0]
-            op = ">=" if name == "Max" else "<="
             for other in parts[1:]:
+                fn = ("maximum" if name == "Max" else "minimum")
+                out = f"{lib}.{fn}({out}, {other})"
+            for c in consts:
                 if tri:
-                    out = f"tl.{'maximum' if name == 'Max' else 'minimum'}({out}, {other})"
+                    out = f"tl.{'maximum' if name == 'Max' else 'minimum'}({out}, {num(c)})"
                 else:
-                    out = where(f"({out} {op} {other})", out, other)
+                    out = f"torch.clamp({out}, {'min' if name == 'Max' else 'max'}={num(c)})"
             return out
         if name == "Piecewise":
             out = "float('nan')"
@@ -388,7 +391,8 @@ def update_step(rule: UpdateRule, *, backend: str, importance: torch.Tensor,
     if NC == 0:
         return
     if backend == "triton" and rule.has_triton:
-        import triton  # noqa: F401  (present: has_triton)
+        from .select import _interpreter_active
+        _interpreter_active()  # installs the Triton-interpreter shims where TRITON_INTERPRET=1
         B, HKV = cand_slots.shape[:2]
         block_n = block_n or _next_pow2(NC)
         if block_n < NC:

@@ -5,8 +5,12 @@ below, before triton is imported) at tiny shapes. The reference materialises
 the full token mask per (batch, head) and uses torch.softmax in float64.
 
 Tolerances (relative Frobenius error ||out - ref|| / ||ref||):
-  float32: 1e-5 (interpreter: numpy fp32 matmuls; on a GPU the fp32 spec keeps
-           IEEE fp32 dots); bfloat16/float16: 1e-2.
+  float32: 1e-5 for outputs and gradients (interpreter: numpy fp32 matmuls; on a
+           GPU the fp32 spec keeps IEEE fp32 dots); worst seen over 60 random
+           cases: 4.5e-7.
+  float16: 1e-2; bfloat16: 1e-2 for outputs, 2e-2 for gradients (at these toy
+           sizes a gradient sums few terms; worst seen over 60 random cases 8e-3;
+           at BT=D=128 on the GPU bench: 2.9e-3).
 """
 
 from __future__ import annotations
@@ -202,7 +206,7 @@ def check_against_reference(spec, prob, got, ref, tol):
     assert set(grads) == set(rgrads)
     for k in rgrads:
         e = rel_err(grads[k], rgrads[k])
-        assert e <= tol * (3 if spec.dtype != "float32" else 10), f"d{k}: {e:.3g}"
+        assert e <= tol * (2 if spec.dtype == "bfloat16" else 1), f"d{k}: {e:.3g}"
 
 
 # --------------------------------------------------------------------------
