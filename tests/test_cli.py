@@ -241,3 +241,25 @@ def test_draw_without_path_returns_a_figure_and_bad_arguments_are_named():
         plot.block_mask_segments(schedule, 1, head=schedule.num_heads)
     with pytest.raises(ValueError, match="step"):
         plot.block_mask_segments(schedule, -1)
+
+
+def test_compile_writes_readable_source(tmp_path, capsys):
+    assert main(["compile", "sparse-forcing", "--out", str(tmp_path)]) == 0
+    written = list(tmp_path.glob("sparse-forcing-*.py"))
+    assert len(written) == 1
+    text = written[0].read_text()
+    assert "Pattern 'sparse-forcing'" in text and "def pbsa_fwd_kernel" in text
+    assert str(written[0]) in capsys.readouterr().out
+
+
+def test_check_passes_for_a_preset_and_reports(capsys):
+    assert main(["check", "sink-window", "--examples", "2", "--backend", "torch"]) == 0
+    assert "PASS" in capsys.readouterr().out
+
+
+def test_check_on_cuda_without_a_gpu_is_a_clear_error(capsys):
+    import torch
+    if torch.cuda.is_available():
+        return
+    assert main(["check", "sink-window", "--device", "cuda"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
