@@ -126,8 +126,12 @@ class PBSAProgram:
         return pos.to(device), cnt.to(device)
 
     def visit_tables(self, q_blocks: torch.Tensor, tables: BlockTables, step: int,
-                     select_backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-        """Pool slots each (batch, head, query block) visits, and how many: static + Top-K."""
+                     select_backend: str = "auto", validate: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pool slots each (batch, head, query block) visits, and how many: static + Top-K.
+
+        `validate=False` skips the value checks that need a host sync (tables from a
+        RolloutCache are consistent by construction)."""
         s = self.schedule
         dev = q_blocks.device
         B, H, NQB = q_blocks.shape[:3]
@@ -178,7 +182,7 @@ class PBSAProgram:
                 q_rep = select_ops.block_representatives(q_blocks, cur_valid, backend=select_backend)
                 select_ops.select_topk(q_rep, tables.k_rep, tables.window_slots, n_window, pos,
                                        cnt, split.mode, k, visit_slots, visit_count,
-                                       backend=select_backend)
+                                       backend=select_backend, check_values=validate)
         return visit_slots, visit_count
 
     # --- attention ------------------------------------------------------------------------
@@ -190,14 +194,16 @@ class PBSAProgram:
         return F.pad(x, (0, self.kernel_head_dim - d, 0, self.kernel_block_tokens - bt)).contiguous()
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: BlockTables,
-                  return_visits: bool = False):
+                  return_visits: bool = False, validate: bool = True):
         """One AR step. q [B, H, NQB*bt, d], k/v [B, Hkv, NQB*bt, d] in the tile-major layout.
 
         Returns (out [B, H, NQB*bt, d], lse [B, H, NQB*bt] float32) and, with
         `return_visits`, the (visit_slots, visit_count) tables the kernel ran on.
         """
         from .autograd import pbsa_attention
+        from .rollout_cache import check_tables
         s, lay = self.schedule, self.schedule.layout
+        check_tables(self, tables)  # tables of another pattern's cache are refused
         _check_step_inputs(s, q, k, v, tables)
         step = tables.step
         backend = self.backend
@@ -205,11 +211,12 @@ class PBSAProgram:
             backend = "triton" if q.is_cuda else "torch"
         qb, kb, vb = self._blocks(q), self._blocks(k), self._blocks(v)
         visit_slots, visit_count = self.visit_tables(qb.detach(), tables, step,
-                                                     select_backend=backend)
+                                                     select_backend=backend, validate=validate)
         spec = self.kernel_spec(step, str(q.dtype).replace("torch.", ""))
         out, lse = pbsa_attention(spec, qb, kb, vb, self.cur_valid_host.to(q.device),
                                   tables.k_pool, tables.v_pool, tables.slot_valid, visit_slots,
-                                  visit_count, self.scale, backend=backend, config=self.config)
+                                  visit_count, self.scale, backend=backend, config=self.config,
+                                  validate=validate)
         bt, d = lay.block_tokens, q.shape[-1]
         out = out[..., :bt, :d].reshape(q.shape)
         lse = lse[..., :bt].reshape(q.shape[:-1])
@@ -251,6 +258,15 @@ class PBSAProgram:
 
     def __repr__(self) -> str:
         return f"PBSAProgram({self.schedule.pattern_name}, key={self.schedule.key}, backend={self.backend})"
+
+    def draw_memory(self, frames: int, path, seed: int = 0):
+        """Simulate a rollout of `frames` frames on random q/k/v and draw which blocks of which
+        frames are in the persistent set at every step (PNG at `path`)."""
+        from .rollout_cache import draw_memory, simulate_memory
+        steps = -(-frames // self.schedule.chunk_frames)
+        snapshots = simulate_memory(self, steps, seed=seed)
+        return draw_memory(snapshots, path, title=f"{self.schedule.pattern_name}: memory over "
+                                                  f"{steps} AR steps (random q/k, seed {seed})")
 
     def new_cache(self, batch: int = 1, num_layers: int = 1, device="cpu", dtype=None,
                   max_frames: int | None = None):

@@ -113,9 +113,17 @@ def check_tables(program, tables: BlockTables) -> None:
 # ==================================================================================
 # sizes and the per-step plan (host integers, pure functions of the schedule)
 # ==================================================================================
-def _kv_blocks(schedule: Schedule, frames: int) -> int:
+@lru_cache(maxsize=256)
+def _kv_blocks_fn(schedule: Schedule):
+    import sympy
     from sparsedsl.shapes import T
-    return int(schedule.shapes.kv_blocks.subs(T, frames))
+    return sympy.lambdify(T, schedule.shapes.kv_blocks, modules="math")
+
+
+def _kv_blocks(schedule: Schedule, frames: int) -> int:
+    """shapes.kv_blocks(T = frames): blocks held per KV head after `frames` committed frames
+    (the sympy formula, lambdified once per schedule)."""
+    return int(round(_kv_blocks_fn(schedule)(frames)))
 
 
 def _round_frames(schedule: Schedule, frames: int) -> int:
@@ -170,13 +178,13 @@ class StepPlan:
     chunk_sink: int          # chunk blocks [0, chunk_sink) become sink blocks
     chunk_keep_start: int    # chunk blocks [chunk_keep_start, chunk_blocks) enter the window
     age0: int                # (t+1)*c - 1
+    chunk_blocks: int        # c * nb
 
     @property
     def chunk_kept(self) -> tuple[int, ...]:
+        """Chunk blocks written to the pool: the new sink blocks, then the window's."""
         return tuple(range(self.chunk_sink)) + tuple(range(self.chunk_keep_start,
-                                                           self.chunk_blocks_total))
-
-    chunk_blocks_total: int = 0
+                                                           self.chunk_blocks))
 
 
 @lru_cache(maxsize=4096)
@@ -191,7 +199,7 @@ def step_plan(schedule: Schedule, step: int) -> StepPlan:
     plan = StepPlan(step=step, n_sink_old=min(S, t0) * nb, n_sink_new=min(S, t1) * nb,
                     nw=(we - ws) * nb, nw_new=(we1 - ws1) * nb, n_drop=n_drop,
                     chunk_sink=chunk_sink, chunk_keep_start=keep_start, age0=t1 - 1,
-                    chunk_blocks_total=c * nb)
+                    chunk_blocks=c * nb)
     # consistency with the schedule's own definitions (cheap, host-only)
     assert plan.nw_new == plan.nw - n_drop + c * nb - keep_start, plan
     assert plan.n_sink_new - plan.n_sink_old == chunk_sink, plan
@@ -274,6 +282,8 @@ class RolloutCache:
         self.program, self.schedule = program, s
         self.batch, self.num_layers, self.max_frames = batch, num_layers, max_frames
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = self._resolve_dtype(dtype)
         lay = s.layout
         self.nb, self.c, self.nqb = lay.blocks_per_frame, lay.chunk_frames, lay.chunk_blocks
@@ -296,6 +306,8 @@ class RolloutCache:
         backend = program.backend
         if backend == "auto":
             backend = "triton" if self.device.type == "cuda" else "torch"
+        if backend == "triton":  # fail here, not half-way through a commit
+            select_ops._use_triton("RolloutCache", "triton", self.device)
         self.backend = backend
         # scratch, shared by the layers (stream-ordered, used within one commit)
         HKV = s.num_kv_heads
@@ -309,6 +321,13 @@ class RolloutCache:
         self._bg_base = (torch.arange(batch * HKV, device=self.device, dtype=torch.int64)
                          .view(batch, HKV, 1))
         self._cur_valid = program.cur_valid_host.to(self.device)
+        # the whole chunk kept (the usual case): its blocks' valid counts and chunk-relative
+        # ids, flattened over (b, g), so that the writes below are single index_copy_ calls
+        full = (batch, HKV, self.nqb)
+        self._full_valid = self._cur_valid.expand(full).reshape(-1).contiguous()
+        self._full_ids = (torch.arange(self.nqb, device=self.device, dtype=torch.int32)
+                          .expand(full).reshape(-1).contiguous())
+        self._bg_by_nslots: dict[int, torch.Tensor] = {}
 
     # --- construction helpers ------------------------------------------------------------
     def _resolve_dtype(self, dtype) -> torch.dtype:
@@ -412,6 +431,13 @@ class RolloutCache:
         if all(x.step == self.step + 1 for x in self.layers):
             self.step += 1
 
+    def _bg_offsets(self, nslots: int) -> torch.Tensor:
+        """int64 [B, HKV, 1]: (b * HKV + g) * nslots, the flat offset of each pool row."""
+        off = self._bg_by_nslots.get(nslots)
+        if off is None:
+            off = self._bg_by_nslots[nslots] = self._bg_base * nslots
+        return off
+
     def _blocks(self, x: torch.Tensor) -> torch.Tensor:
         """[B, h, NQB*bt, d] -> [B, h, NQB, BT, D] (a view when no padding is needed)."""
         lay = self.schedule.layout
@@ -442,7 +468,7 @@ class RolloutCache:
                 nd = np_ + plan.nw
                 dom = self._dom
                 dom[..., :np_] = L.persistent_slots[..., :np_]
-                dom[..., np_:nd] = L.window_slots[..., :plan.nw].flip(-1)
+                dom[..., np_:nd] = L.window_slots[..., :plan.nw]
                 q_rep = self._reps(q.reshape(B, H, self.nqb, bt, d), self._cur_valid)
                 imp = select_ops.block_importance(q_rep, L.k_rep, dom, nd, self.program.scale,
                                                   backend=self.backend, check_values=False)
@@ -467,7 +493,7 @@ class RolloutCache:
             L.slot_score.scatter_(2, dropped, 0.0)
             freed = plan.n_drop
         if POISON_FREED and freed:
-            flat = (self._bg_base * L.nslots + L.free_list[..., n_free0:n_free0 + freed].long()).reshape(-1)
+            flat = (self._bg_offsets(L.nslots) + L.free_list[..., n_free0:n_free0 + freed]).reshape(-1)
             L.k_pool.view(-1, self.bt, self.d).index_fill_(0, flat, float("nan"))
             L.v_pool.view(-1, self.bt, self.d).index_fill_(0, flat, float("nan"))
             L.k_rep.view(-1, self.d).index_fill_(0, flat, float("nan"))
@@ -479,23 +505,24 @@ class RolloutCache:
         if m:
             slots = L.free_list[..., L.n_free - m:L.n_free]                 # [B, HKV, m]
             L.n_free -= m
-            flat = (self._bg_base * L.nslots + slots.long()).reshape(-1)
+            flat = (self._bg_offsets(L.nslots) + slots).reshape(-1)          # int64
             kb, vb = self._blocks(k), self._blocks(v)
             k_raw = k.reshape(B, HKV, self.nqb, bt, d)
-            valid = self._cur_valid
             first = s.chunk_start_frame(plan.step) * self.nb
             if m != self.nqb:
                 idx = torch.tensor(kept, device=self.device, dtype=torch.long)
                 kb, vb, k_raw = kb.index_select(2, idx), vb.index_select(2, idx), k_raw.index_select(2, idx)
-                valid = valid.index_select(0, idx)
-                ids = (idx + first).to(torch.int32)
+                valid = self._cur_valid.index_select(0, idx)
+                valid_flat = valid.expand(B, HKV, m).reshape(-1)
+                ids_flat = (idx + first).to(torch.int32).expand(B, HKV, m).reshape(-1)
             else:
-                ids = torch.arange(first, first + m, device=self.device, dtype=torch.int32)
+                valid, valid_flat = self._cur_valid, self._full_valid
+                ids_flat = self._full_ids + first
             L.k_pool.view(-1, self.bt, self.d).index_copy_(0, flat, kb.reshape(-1, self.bt, self.d))
             L.v_pool.view(-1, self.bt, self.d).index_copy_(0, flat, vb.reshape(-1, self.bt, self.d))
             L.k_rep.view(-1, self.d).index_copy_(0, flat, self._reps(k_raw, valid).reshape(-1, self.d))
-            L.slot_block.view(-1).index_copy_(0, flat, ids.expand(B, HKV, m).reshape(-1))
-            L.slot_valid.view(-1).index_copy_(0, flat, valid.expand(B, HKV, m).reshape(-1))
+            L.slot_block.view(-1).index_copy_(0, flat, ids_flat)
+            L.slot_valid.view(-1).index_copy_(0, flat, valid_flat)
             if plan.chunk_sink:
                 L.sink_slots[..., plan.n_sink_old:plan.n_sink_new] = slots[..., :plan.chunk_sink]
             new_win = slots[..., plan.chunk_sink:]
@@ -709,7 +736,8 @@ def draw_memory(snapshots: Sequence[MemorySnapshot], path=None, *, batch: int = 
     sink_c, win_c, gone_c = (np.array(to_rgba) for to_rgba in
                              ((0.506, 0.447, 0.702, 1.0), (0.333, 0.659, 0.408, 1.0),
                               (0.9, 0.9, 0.9, 1.0)))
-    cmap = ListedColormap(np.linspace([1.0, 0.85, 0.70, 1.0], [0.55, 0.18, 0.0, 1.0], 256))
+    from matplotlib import colormaps
+    cmap = ListedColormap(colormaps["YlOrRd"](np.linspace(0.12, 1.0, 256)))
     norm = Normalize(vmin=0.0, vmax=float(nb))
     total_p = []
     for x, sn in enumerate(snapshots):
@@ -726,14 +754,14 @@ def draw_memory(snapshots: Sequence[MemorySnapshot], path=None, *, batch: int = 
             else:
                 rgba[f, x] = gone_c
     height = min(12.0, max(4.0, n_frames * 0.06 + 2.5))
-    width = min(16.0, max(6.0, steps * 0.08 + 3.0))
+    width = min(16.0, max(8.0, steps * 0.08 + 3.0))
     fig = Figure(figsize=(width, height), dpi=120)
-    ax = fig.add_axes((0.09, 0.16, 0.74, 0.74))
+    ax = fig.add_axes((0.09, 0.12, 0.74, 0.76))
     ax.imshow(rgba, origin="lower", aspect="auto", interpolation="nearest",
               extent=(-0.5, steps - 0.5, -0.5, n_frames - 0.5))
     ax.set_xlabel("AR step t (memory seen by chunk t)")
     ax.set_ylabel("latent frame")
-    cax = fig.add_axes((0.86, 0.16, 0.025, 0.74))
+    cax = fig.add_axes((0.86, 0.12, 0.025, 0.76))
     from matplotlib.cm import ScalarMappable
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax,
                  label=f"blocks of the frame in the persistent set (of {nb})")
@@ -742,9 +770,9 @@ def draw_memory(snapshots: Sequence[MemorySnapshot], path=None, *, batch: int = 
                Patch(facecolor="white", edgecolor="#a0a0a0", label="not generated yet")]
     fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
     last = snapshots[-1]
-    fig.suptitle(title or f"persistent memory over {steps - 1} AR steps "
-                          f"({last.frames} frames, {nb} blocks/frame); "
-                          f"{total_p[-1]:.0f} persistent blocks at the end", fontsize=10)
+    fig.suptitle(title or f"persistent memory over {steps - 1} AR steps\n"
+                          f"({last.frames} frames, {nb} blocks/frame; "
+                          f"{total_p[-1]:.0f} persistent blocks at the end)", fontsize=10)
     if path is None:
         return fig
     path = Path(path)

@@ -220,7 +220,7 @@ if triton is not None:
     @triton.jit
     def update_kernel(
         imp_ptr, dom_ptr, sb_ptr, ss_ptr, sv_ptr, ps_ptr, pc_ptr, fl_ptr, sc_ptr,
-        NP, NC, CAP, NB, AGE0, FREE_AT,
+        NP, NC, CAP, NWIN, NB, AGE0, FREE_AT,
         si_b, si_h, si_n,
         sd_b, sd_h, sd_n,
         st_b, st_h, st_n,
@@ -276,7 +276,8 @@ if triton is not None:
         tl.store(sb_row + slot * st_n, tl.full([BLOCK_N], -1, tl.int32), mask=lose)
         tl.store(sv_row + slot * st_n, tl.zeros([BLOCK_N], dtype=tl.int32), mask=lose)
         tl.store(ss_row + slot * st_n, tl.zeros([BLOCK_N], dtype=tl.float32), mask=lose)
-        tl.store(pc_ptr + b * sc_b + g * sc_h, tl.minimum(NC, CAP))
+        tl.store(pc_ptr + b * sc_b + g * sc_h + tl.zeros([1], dtype=tl.int64),
+                 tl.full([1], NWIN, tl.int32))                # |P_t+1| = min(NC, CAP)
 '''
 
 
@@ -402,7 +403,7 @@ def update_step(rule: UpdateRule, *, backend: str, importance: torch.Tensor,
         rule.module.update_kernel[(HKV, B)](
             importance, cand_slots, slot_block, slot_score, slot_valid, persistent_slots,
             persistent_count, free_list, scores,
-            NP, NC, CAP, blocks_per_frame, age0, free_at,
+            NP, NC, CAP, min(NC, CAP), blocks_per_frame, age0, free_at,
             *importance.stride(), *cand_slots.stride(), *slot_block.stride(),
             *persistent_slots.stride(), *persistent_count.stride(), *free_list.stride(),
             *scores.stride(),

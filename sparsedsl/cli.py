@@ -74,10 +74,20 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.horizon:
         horizons = {f"T={frames}": frames for frames in args.horizon}
     print(explain(schedule, horizons=horizons))
-    if args.png:
+    if args.png and args.rollout:
+        from . import compile as compile_pattern
+        program = compile_pattern(pattern, num_heads=args.heads, num_kv_heads=args.kv_heads,
+                                  head_dim=args.head_dim, dtype=args.dtype, backend="torch")
+        if not hasattr(program, "draw_memory"):
+            raise CliError("--rollout needs the codegen package (the memory runtime)")
+        path = program.draw_memory(args.rollout, args.png)
+        print(f"wrote {path}")
+    elif args.png:
         from .plot import draw_block_mask
         path = draw_block_mask(schedule, step=args.step, path=args.png)
         print(f"wrote {path}")
+    elif args.rollout:
+        raise CliError("--rollout draws a picture: give --png FILE too")
     return 0
 
 
@@ -330,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV dtype for the byte counts (default bfloat16)")
     p.add_argument("--step", metavar="N", type=_nonnegative_int, default=None,
                    help="AR step drawn by --png (default: the first steady-state step)")
+    p.add_argument("--rollout", metavar="T", type=_positive_int, default=None,
+                   help="with --png: draw the persistent memory over a simulated rollout of T "
+                        "frames instead of one step's block mask")
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("compile", help="write the generated Triton source of PATTERN",

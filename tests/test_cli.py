@@ -263,3 +263,15 @@ def test_check_on_cuda_without_a_gpu_is_a_clear_error(capsys):
         return
     assert main(["check", "sink-window", "--device", "cuda"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_explain_rollout_draws_the_memory_over_time(tmp_path):
+    png = tmp_path / "memory.png"
+    assert main(["explain", "sparse-forcing", "--heads", "2", "--head-dim", "16",
+                 "--rollout", "30", "--png", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+def test_rollout_without_png_is_a_clear_error(capsys):
+    assert main(["explain", "sparse-forcing", "--rollout", "30"]) == 2
+    assert "--png" in capsys.readouterr().err

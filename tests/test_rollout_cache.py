@@ -206,7 +206,6 @@ def poison(monkeypatch):
 # ---------------------------------------------------------------------------------------
 # the rollout against the reference
 # ---------------------------------------------------------------------------------------
-@settings(max_examples=14)
 @given(schedules(max_heads=2, head_dim=4), st.integers(0, 2**31 - 1), st.integers(2, 6),
        st.integers(1, 2), st.booleans())
 def test_rollout_matches_reference(schedule, seed, steps, batch, quantize):
@@ -216,6 +215,28 @@ def test_rollout_matches_reference(schedule, seed, steps, batch, quantize):
                     quantize=quantize)
     finally:
         rc.POISON_FREED = False
+
+
+EDGE_CASES = {
+    # the window is shorter than a chunk: the chunk's first frames never enter it
+    "window<chunk": (sd.Pattern(VideoLayout(4, 4, (2, 2), 3), sink=sd.Sink(1),
+                                window=sd.LocalWindow(1, sd.Radius(1, 1, 1) | sd.TopK(k=1))), 2, 1),
+    # the sink spans several chunks (chunk blocks become sink blocks at later steps)
+    "sink>chunk": (small_pattern(sink=3, chunk=2, capacity=3, window=2), 2, 1),
+    # no sink, one set per KV head, causal chunk, grouped-query attention
+    "per-head, causal, GQA": (dataclasses.replace(
+        small_pattern(importance + previous / 2, shared=False, sink=0, capacity=4),
+        current=sd.Causal()), 4, 2),
+    # a shared set averaged over 4 query heads of 2 KV heads, Top-K only in the window
+    "shared GQA": (small_pattern(shared=True, capacity=6, window=3,
+                                 neighborhood=sd.TopK(fraction=0.5)), 4, 2),
+}
+
+
+@pytest.mark.parametrize("name", list(EDGE_CASES))
+def test_edge_geometries(name, poison):
+    pattern, heads, kv_heads = EDGE_CASES[name]
+    run_rollout(program_of(pattern, heads=heads, kv_heads=kv_heads), 5, 7, 2)
 
 
 @settings(max_examples=4)
