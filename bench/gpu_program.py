@@ -128,6 +128,47 @@ def selection_cost() -> None:
     say("")
 
 
+def program_overhead() -> None:
+    """Where a program step's time goes at Self-Forcing geometry: tables, select, kernel."""
+    say("## One program step at Self-Forcing geometry (sparse-forcing, bf16, H=12, D=128, steady state)")
+    say("")
+    say("| tile (block tokens) | visits/query block | kernel only ms | visit tables + select ms | "
+        "program.attention ms (validate=False) | program.attention ms (validate=True) | kernel TFLOP/s |")
+    say("|---|---|---|---|---|---|---|")
+    from codegen.program import PBSAProgram
+    for tile in ((8, 8), (8, 16)):
+        layout = sd.VideoLayout(30, 52, tile, 3)
+        schedule = sd.lower(sd.presets.get("sparse-forcing", layout=layout), num_heads=12,
+                            head_dim=128, dtype="bfloat16")
+        program = PBSAProgram(schedule, backend="triton")
+        cache = program.new_cache(batch=1, num_layers=1, device="cuda", dtype=torch.bfloat16)
+        lay = schedule.layout
+        n = lay.chunk_blocks * lay.block_tokens
+        valid = lay.valid_token_mask(lay.chunk_frames).cuda()[None, None, :, None]
+        g = torch.Generator(device="cuda").manual_seed(0)
+        mk = lambda h: (torch.randn(1, h, n, 128, device="cuda", generator=g) * valid).to(torch.bfloat16)
+        for _ in range(8):
+            q, k, v = mk(12), mk(12), mk(12)
+            cache.commit(0, q, k, v)
+        q, k, v = mk(12), mk(12), mk(12)
+        tables = cache.tables(0)
+        qb, kb, vb = program._blocks(q), program._blocks(k), program._blocks(v)
+        vs, vc = program.visit_tables(qb, tables, tables.step, validate=False)
+        spec = program.kernel_spec(tables.step, "bfloat16")
+        cur_valid = program.cur_valid_host.cuda()
+        t_kernel = bench(lambda: pbsa_attention(spec, qb, kb, vb, cur_valid, tables.k_pool,
+                                                tables.v_pool, tables.slot_valid, vs, vc,
+                                                program.scale, validate=False))
+        t_tables = bench(lambda: program.visit_tables(qb, tables, tables.step, validate=False))
+        t_fast = bench(lambda: program.attention(q, k, v, tables, validate=False))
+        t_checked = bench(lambda: program.attention(q, k, v, tables, validate=True))
+        visits = vc.float().mean().item() + (lay.chunk_blocks)
+        flops = 4 * spec.block_tokens ** 2 * 128 * float(vc.sum().item() + 12 * lay.chunk_blocks ** 2)
+        say(f"| {tile[0]}x{tile[1]} ({lay.block_tokens}) | {visits:.0f} | {t_kernel:.3f} | {t_tables:.3f} | "
+            f"{t_fast:.3f} | {t_checked:.3f} | {flops / t_kernel / 1e9:.0f} |")
+    say("")
+
+
 def main() -> int:
     props = torch.cuda.get_device_properties(0)
     say(f"# Program checks and selection cost on {props.name}")
@@ -135,9 +176,11 @@ def main() -> int:
     say(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
         f"triton {triton.__version__}; command: `PYTHONPATH=. python3 bench/gpu_program.py`")
     say("")
-    if "--no-check" not in sys.argv:
+    if "--no-check" not in sys.argv and "--overhead-only" not in sys.argv:
         correctness()
-    selection_cost()
+    if "--overhead-only" not in sys.argv:
+        selection_cost()
+    program_overhead()
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "program.md"), "w") as handle:

@@ -47,6 +47,7 @@ class PBSAProgram:
         self.scale = 1.0 / math.sqrt(schedule.head_dim)
         self.cur_valid_host = torch.tensor(list(lay.frame_valid_tokens) * lay.chunk_frames,
                                            dtype=torch.int32)
+        self._device_constants: dict = {}
 
     # --- compile-time views -------------------------------------------------------------
     def max_cached_visits(self, step: int) -> int:
@@ -121,9 +122,18 @@ class PBSAProgram:
         block's static neighborhood at `step` (position p = block w_start*nb + p)."""
         s = self.schedule
         w_start, w_end = s.window_frames_range(step)
-        key = (step * s.chunk_frames - w_start, w_end - w_start)
-        pos, cnt = _static_positions(s, key, step)
-        return pos.to(device), cnt.to(device)
+        key = (str(device), step * s.chunk_frames - w_start, w_end - w_start)
+        if key not in self._device_constants:  # one host->device copy per window phase
+            pos, cnt = _static_positions(s, key[1:], step)
+            self._device_constants[key] = (pos.to(device), cnt.to(device))
+        return self._device_constants[key]
+
+    def cur_valid(self, device) -> torch.Tensor:
+        """Real tokens of each chunk block, on `device` (copied once)."""
+        key = ("cur_valid", str(device))
+        if key not in self._device_constants:
+            self._device_constants[key] = self.cur_valid_host.to(device)
+        return self._device_constants[key]
 
     def visit_tables(self, q_blocks: torch.Tensor, tables: BlockTables, step: int,
                      select_backend: str = "auto", validate: bool = True
@@ -161,25 +171,26 @@ class PBSAProgram:
             used = torch.arange(pos.shape[1], device=dev)[None, :] < cnt[:, None]
             masks.append(used[None, None].expand(B, H, NQB, pos.shape[1]))
         maxv = self.max_cached_visits(step)
+        # Compact the valid entries to the front of each row with one scatter: an entry's
+        # column is the number of valid entries before it; invalid ones go to a spill column.
+        visit_slots = torch.zeros(B, H, NQB, maxv + 1, dtype=torch.int32, device=dev)
         if parts:
-            slots = torch.cat(parts, dim=-1)
+            slots = torch.cat(parts, dim=-1).to(torch.int32)
             valid = torch.cat(masks, dim=-1)
-            order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)  # compact
-            slots = torch.gather(slots, -1, order)
-            count = valid.sum(-1, dtype=torch.int32)
+            column = torch.cumsum(valid, dim=-1, dtype=torch.int32) - 1
+            column = torch.where(valid, column.clamp(max=maxv), maxv).to(torch.int64)
+            visit_slots.scatter_(-1, column, slots)
+            visit_count = valid.sum(-1, dtype=torch.int32).clamp(max=maxv)
         else:
-            slots = torch.zeros(B, H, NQB, 0, dtype=torch.int32, device=dev)
-            count = torch.zeros(B, H, NQB, dtype=torch.int32, device=dev)
-        visit_slots = torch.zeros(B, H, NQB, maxv, dtype=torch.int32, device=dev)
-        width = min(maxv, slots.shape[-1])
-        visit_slots[..., :width] = slots[..., :width].to(torch.int32)
-        visit_count = count.contiguous()
+            visit_count = torch.zeros(B, H, NQB, dtype=torch.int32, device=dev)
+        visit_slots = visit_slots[..., :maxv].contiguous()
         if split.topk is not None:
             n_window = s.window_block_count(step)
             k = split.topk.count(n_window)
             if k and n_window:
-                cur_valid = self.cur_valid_host.to(dev)
-                q_rep = select_ops.block_representatives(q_blocks, cur_valid, backend=select_backend)
+                q_rep = select_ops.block_representatives(q_blocks, self.cur_valid(dev),
+                                                         backend=select_backend,
+                                                         check_values=validate)
                 select_ops.select_topk(q_rep, tables.k_rep, tables.window_slots, n_window, pos,
                                        cnt, split.mode, k, visit_slots, visit_count,
                                        backend=select_backend, check_values=validate)
@@ -191,6 +202,8 @@ class PBSAProgram:
         lay = self.schedule.layout
         bt, d = lay.block_tokens, x.shape[-1]
         x = x.reshape(x.shape[0], x.shape[1], lay.chunk_blocks, bt, d)
+        if bt == self.kernel_block_tokens and d == self.kernel_head_dim:
+            return x.contiguous()  # a view when the input is contiguous: no copy
         return F.pad(x, (0, self.kernel_head_dim - d, 0, self.kernel_block_tokens - bt)).contiguous()
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: BlockTables,
@@ -213,7 +226,7 @@ class PBSAProgram:
         visit_slots, visit_count = self.visit_tables(qb.detach(), tables, step,
                                                      select_backend=backend, validate=validate)
         spec = self.kernel_spec(step, str(q.dtype).replace("torch.", ""))
-        out, lse = pbsa_attention(spec, qb, kb, vb, self.cur_valid_host.to(q.device),
+        out, lse = pbsa_attention(spec, qb, kb, vb, self.cur_valid(q.device),
                                   tables.k_pool, tables.v_pool, tables.slot_valid, visit_slots,
                                   visit_count, self.scale, backend=backend, config=self.config,
                                   validate=validate)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional, Sequence
 
 
@@ -66,7 +67,7 @@ class Schedule:
     pattern: "object" = None            # the Pattern it was lowered from (its text is in the key)
 
     # --- identity ---------------------------------------------------------------
-    @property
+    @cached_property
     def key(self) -> str:
         text = "|".join([self.pattern_text, str(self.num_heads), str(self.num_kv_heads),
                          str(self.head_dim), self.dtype])
