@@ -126,6 +126,25 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1
 
 
+BENCH_SCRIPTS = {"attention": "gpu_attention.py", "program": "gpu_program.py", "memory": "memory.py"}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run a GPU benchmark script of the checkout's bench/ folder (they print markdown tables)."""
+    import torch
+
+    which = "memory" if args.memory else args.which
+    script = Path(__file__).resolve().parent.parent / "bench" / BENCH_SCRIPTS[which]
+    if not script.is_file():
+        raise CliError(f"{script} not found: `sparsedsl bench` runs from a source checkout")
+    if not torch.cuda.is_available() and "--tiny" not in args.extra:
+        raise CliError("the benchmarks need a CUDA GPU (bench/memory.py and bench/gpu_attention.py "
+                       "take --tiny for a CPU smoke test: `sparsedsl bench memory --tiny`)")
+    sys.argv = [str(script)] + list(args.extra)
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from . import presets
 
@@ -368,6 +387,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", metavar="H", type=_positive_int, default=2)
     p.add_argument("--head-dim", metavar="D", type=_positive_int, default=16)
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("bench", help="GPU benchmarks: PBSA vs FlexAttention vs SDPA, memory",
+                       description="Run bench/gpu_attention.py (attention), bench/gpu_program.py "
+                                   "(program checks, selection cost) or bench/memory.py (update "
+                                   "cost, peak KV bytes); extra arguments go to the script.")
+    p.add_argument("which", nargs="?", choices=sorted(BENCH_SCRIPTS), default="attention")
+    p.add_argument("--memory", action="store_true", help="same as `bench memory`")
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="arguments for the script")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("presets", help="list the preset patterns",
                        description="List the preset patterns with their one-line descriptions.")

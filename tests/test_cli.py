@@ -275,3 +275,11 @@ def test_explain_rollout_draws_the_memory_over_time(tmp_path):
 def test_rollout_without_png_is_a_clear_error(capsys):
     assert main(["explain", "sparse-forcing", "--rollout", "30"]) == 2
     assert "--png" in capsys.readouterr().err
+
+
+def test_bench_without_a_gpu_says_how_to_smoke_test(capsys):
+    import torch
+    if torch.cuda.is_available():
+        return
+    assert main(["bench", "--memory"]) == 2
+    assert "--tiny" in capsys.readouterr().err
