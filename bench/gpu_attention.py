@@ -239,8 +239,14 @@ def phase_check():
         spec = AttentionKernelSpec(BT, D, h, hkv, "bfloat16", c, nb, cur, maxv, pad)
         vis = random_visits(1, h, c * nb, 4, NS - 4, maxv - 4, maxv, seed=i, var_counts=True)
         base = launch.default_config(spec, torch.device(DEV))
-        alt = base.replace(fwd_kv_splits=2, bwd_fused=not base.bwd_fused, variant="ptr")
-        alt_name = "ptr, split2, " + ("fused" if alt.bwd_fused else "separate") + " bwd"
+        base_bwd = base.bwd_variant or base.variant
+        alt = base.replace(fwd_kv_splits=2, bwd_fused=not base.bwd_fused, variant="ptr",
+                           bwd_variant="desc" if base_bwd == "ptr" else "ptr")
+        alt_name = (f"ptr fwd, split2, {alt.bwd_variant} " + ("fused" if alt.bwd_fused else "separate") + " bwd")
+        if i % 2 == 0:  # every other case: the straight (non-overlapped) loops too
+            alt = alt.replace(fwd_overlap=not base.fwd_overlap, dq_overlap=not base.dq_overlap,
+                              dkdv_overlap=not base.dkdv_overlap)
+            alt_name += ", other loop orders"
         for cname, cfg in (("default cfg", base), (alt_name, tiny_cfg(alt))):
             try:
                 all_ok &= check_case(f"{name}, {cname}", spec, 1, NS, vis, pad, seed=i, config=cfg)
@@ -334,40 +340,38 @@ def flex_fn():
 # sweep
 # -------------------------------------------------------------------------
 def fwd_candidates():
-    base = KernelConfig(variant="desc", warp_specialize=True, fwd_block_m=128, fwd_block_n=128,
-                        fwd_warps=8, fwd_stages=2, fwd_kv_splits=0)
+    # warp_specialize is left off: Triton 3.6 runs no warp-specialisation pass on sm_90
+    # (the flag only matters on Blackwell), so it never changed the Hopper code.
+    base = KernelConfig(variant="desc", fwd_block_m=128, fwd_block_n=128, fwd_warps=8, fwd_stages=3,
+                        fwd_kv_splits=0, fwd_overlap=False)
     c = [
-        ("desc ws 128x128 w8 s3 split2", base.replace(fwd_stages=3, fwd_kv_splits=2)),
-        ("desc ws 128x128 w8 s3 auto-split", base.replace(fwd_stages=3)),
-        ("desc ws 128x128 w8 s3 split1", base.replace(fwd_stages=3, fwd_kv_splits=1)),
-        ("desc ws 128x128 w8 s2 split2", base.replace(fwd_kv_splits=2)),
-        ("desc nows 128x128 w8 s2 split2", base.replace(warp_specialize=False, fwd_kv_splits=2)),
-        ("ptr nows 128x128 w8 s3 split2", base.replace(variant="ptr", warp_specialize=False, fwd_stages=3, fwd_kv_splits=2)),
+        ("desc straight 128x128 w8 s3 auto-split", base),
+        ("desc straight 128x128 w8 s3 split2", base.replace(fwd_kv_splits=2)),
+        ("desc overlap 128x64 w8 s3 auto-split", base.replace(fwd_block_n=64, fwd_overlap=True)),
+        ("desc overlap 128x64 w8 s4 auto-split", base.replace(fwd_block_n=64, fwd_stages=4, fwd_overlap=True)),
     ]
     if ARGS.sweep_set == "small":
-        c = c[:4]
+        c = c[:3]
     return c
 
 
 def dq_candidates():
-    base = KernelConfig(variant="desc", dq_block_m=128, dq_block_n=128, dq_warps=8, dq_stages=2)
+    base = KernelConfig(variant="desc", dq_block_m=128, dq_block_n=128, dq_warps=8, dq_stages=2, dq_overlap=False)
     c = [
-        ("dq desc 128x128 w8 s2", base),
-        ("dq desc 128x128 w8 s3", base.replace(dq_stages=3)),
-        ("dq desc 128x64 w8 s2", base.replace(dq_block_n=64)),
-        ("dq desc 128x128 w8 s2 ws", base.replace(bwd_warp_specialize=True)),
+        ("dq desc straight 128x128 w8 s2", base),
+        ("dq ptr straight 128x128 w8 s2", base.replace(variant="ptr")),
+        ("dq desc overlap 128x64 w8 s2", base.replace(dq_block_n=64, dq_overlap=True)),
     ]
     return c[:2] if ARGS.sweep_set == "small" else c
 
 
 def dkdv_candidates():
-    base = KernelConfig(variant="desc", dkdv_block_m=64, dkdv_block_n=128, dkdv_warps=8, dkdv_stages=2)
+    base = KernelConfig(variant="ptr", dkdv_block_m=64, dkdv_block_n=128, dkdv_warps=8, dkdv_stages=2,
+                        dkdv_overlap=True)
     c = [
-        ("dkdv desc 64x128 w8 s2", base),
-        ("dkdv desc 64x128 w8 s2 ws", base.replace(bwd_warp_specialize=True)),
-        ("dkdv desc 32x128 w8 s2", base.replace(dkdv_block_m=32)),
-        ("dkdv desc 64x128 w8 s3", base.replace(dkdv_stages=3)),
-        ("dkdv ptr 64x128 w8 s2", base.replace(variant="ptr")),
+        ("dkdv ptr reordered 64x128 w8 s2", base),
+        ("dkdv ptr straight 64x128 w8 s2", base.replace(dkdv_overlap=False)),
+        ("dkdv desc reordered 64x128 w8 s2", base.replace(variant="desc")),
     ]
     return c[:2] if ARGS.sweep_set == "small" else c
 
@@ -441,15 +445,16 @@ def phase_sweep(density=0.25):
     f, d, k = best.get("fwd"), best.get("dq"), best.get("dkdv")
     # whole backward (as autograd runs it): separate dQ + dK/dV launches vs one fused launch
     if d and k:
-        tiles = dict(variant=k[2].variant, dq_block_m=d[2].dq_block_m, dq_block_n=d[2].dq_block_n,
-                     dq_warps=d[2].dq_warps, dq_stages=d[2].dq_stages, dkdv_block_m=k[2].dkdv_block_m,
-                     dkdv_block_n=k[2].dkdv_block_n, dkdv_warps=k[2].dkdv_warps, dkdv_stages=k[2].dkdv_stages,
+        tiles = dict(variant="desc", bwd_variant=k[2].variant, dq_block_m=d[2].dq_block_m,
+                     dq_block_n=d[2].dq_block_n, dq_warps=d[2].dq_warps, dq_stages=d[2].dq_stages,
+                     dq_overlap=d[2].dq_overlap, dkdv_block_m=k[2].dkdv_block_m, dkdv_block_n=k[2].dkdv_block_n,
+                     dkdv_warps=k[2].dkdv_warps, dkdv_stages=k[2].dkdv_stages, dkdv_overlap=k[2].dkdv_overlap,
                      bwd_warp_specialize=k[2].bwd_warp_specialize)
+        other = "desc" if k[2].variant == "ptr" else "ptr"
         whole = [
-            ("bwd separate (best tiles)", KernelConfig(**tiles, bwd_fused=False)),
-            ("bwd fused (best tiles)", KernelConfig(**tiles, bwd_fused=True)),
-            ("bwd fused dq128x64 kv64x128 w8 s2", KernelConfig(**{**tiles, "dq_block_n": 64, "dkdv_block_m": 64,
-                                                                  "dkdv_block_n": 128, "dkdv_stages": 2}, bwd_fused=True)),
+            (f"bwd separate (best tiles, {k[2].variant})", KernelConfig(**tiles, bwd_fused=False)),
+            (f"bwd fused (best tiles, {k[2].variant})", KernelConfig(**tiles, bwd_fused=True)),
+            (f"bwd fused (best tiles, {other})", KernelConfig(**{**tiles, "bwd_variant": other}, bwd_fused=True)),
         ]
         ref_b = None
         for name, cfg in whole:
@@ -474,21 +479,22 @@ def phase_sweep(density=0.25):
         fc = f[2]
         cfg = cfg.replace(variant=fc.variant, warp_specialize=fc.warp_specialize, fwd_block_m=fc.fwd_block_m,
                           fwd_block_n=fc.fwd_block_n, fwd_warps=fc.fwd_warps, fwd_stages=fc.fwd_stages,
-                          fwd_kv_splits=fc.fwd_kv_splits)
+                          fwd_kv_splits=fc.fwd_kv_splits, fwd_overlap=fc.fwd_overlap)
     if d:
         dc = d[2]
         cfg = cfg.replace(dq_block_m=dc.dq_block_m, dq_block_n=dc.dq_block_n, dq_warps=dc.dq_warps,
-                          dq_stages=dc.dq_stages)
+                          dq_stages=dc.dq_stages, dq_overlap=dc.dq_overlap)
     if k:
         kc = k[2]
         cfg = cfg.replace(dkdv_block_m=kc.dkdv_block_m, dkdv_block_n=kc.dkdv_block_n, dkdv_warps=kc.dkdv_warps,
-                          dkdv_stages=kc.dkdv_stages)
+                          dkdv_stages=kc.dkdv_stages, dkdv_overlap=kc.dkdv_overlap)
     if best.get("bwd"):
         bc = best["bwd"][2]
         cfg = cfg.replace(dq_block_m=bc.dq_block_m, dq_block_n=bc.dq_block_n, dq_warps=bc.dq_warps,
                           dq_stages=bc.dq_stages, dkdv_block_m=bc.dkdv_block_m, dkdv_block_n=bc.dkdv_block_n,
                           dkdv_warps=bc.dkdv_warps, dkdv_stages=bc.dkdv_stages,
-                          bwd_warp_specialize=bc.bwd_warp_specialize, bwd_fused=bc.bwd_fused)
+                          bwd_warp_specialize=bc.bwd_warp_specialize, bwd_fused=bc.bwd_fused,
+                          dq_overlap=bc.dq_overlap, dkdv_overlap=bc.dkdv_overlap, bwd_variant=bc.bwd_variant)
     log("\nchosen:", {kk: vv[1] for kk, vv in best.items()})
     log("chosen config:", cfg)
     return cfg

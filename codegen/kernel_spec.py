@@ -126,6 +126,8 @@ class KernelConfig:
     fwd_kv_splits: split each query block's visit list over this many programs
              and merge the partial softmaxes (fills the last wave of SMs);
              0 = choose from the SM count.
+    fwd_overlap / dq_overlap / dkdv_overlap: loop orders that let the softmax (or dS)
+             work run while a matmul is in flight (see codegen/render.py).
     """
 
     variant: str = "ptr"
@@ -145,10 +147,18 @@ class KernelConfig:
     dkdv_stages: int = 2
     bwd_warp_specialize: bool = False
     bwd_fused: bool = False  # dQ and dK/dV programs in one launch (after a DELTA pre-pass)
+    # software-pipelined loops that overlap the softmax / dS work with a matmul in flight
+    # (Hopper wgmma); False = the straight loops
+    fwd_overlap: bool = True
+    dq_overlap: bool = True
+    dkdv_overlap: bool = True
+    bwd_variant: str = ""  # load variant of the backward kernels; "" = same as `variant`
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"KernelConfig.variant = {self.variant!r} must be one of {VARIANTS}")
+        if self.bwd_variant not in ("",) + VARIANTS:
+            raise ValueError(f"KernelConfig.bwd_variant = {self.bwd_variant!r} must be '' or one of {VARIANTS}")
         for f in dataclasses.fields(self):
             if f.name.endswith(("block_m", "block_n")):
                 v = getattr(self, f.name)

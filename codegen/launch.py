@@ -64,13 +64,14 @@ def default_config(spec: AttentionKernelSpec, device: torch.device) -> KernelCon
         ).fitted(spec)
     _, cap = _device_props(device.index if device.index is not None else torch.cuda.current_device())
     hopper = cap[0] >= 9
+    # warp_specialize stays off: Triton 3.6 runs no warp-specialisation pass on sm_90.
     return KernelConfig(
         variant="desc" if hopper else "ptr",
-        warp_specialize=hopper,
-        fwd_block_m=128, fwd_block_n=128, fwd_warps=8, fwd_stages=3, fwd_kv_splits=0,
-        dq_block_m=128, dq_block_n=128, dq_warps=8, dq_stages=2,
-        dkdv_block_m=64, dkdv_block_n=128, dkdv_warps=8, dkdv_stages=2,
-        bwd_warp_specialize=False, bwd_fused=True,
+        warp_specialize=False,
+        fwd_block_m=128, fwd_block_n=128, fwd_warps=8, fwd_stages=3, fwd_kv_splits=0, fwd_overlap=False,
+        dq_block_m=128, dq_block_n=128, dq_warps=8, dq_stages=2, dq_overlap=False,
+        dkdv_block_m=64, dkdv_block_n=128, dkdv_warps=8, dkdv_stages=2, dkdv_overlap=True,
+        bwd_warp_specialize=False, bwd_fused=True, bwd_variant="ptr",
     ).fitted(spec)
 
 
@@ -102,27 +103,37 @@ def _variant_for(cfg: KernelConfig, spec, q, rows_q: int, rows_pool: int, tensor
     return "desc"
 
 
+def _bwd(cfg: KernelConfig) -> KernelConfig:
+    """The config as the backward kernels see it (their own load variant, if set)."""
+    return cfg.replace(variant=cfg.bwd_variant) if cfg.bwd_variant else cfg
+
+
 _WS_BROKEN: set = set()
+# optional code paths a launch may drop when their compile fails, in this order
+_FALLBACK_FLAGS = ("WARP_SPEC", "OVERLAP", "DQ_OVERLAP", "KV_OVERLAP")
 
 
 def _run(kernel, grid, *args, **kw):
-    """Launch; if a warp-specialised compile fails (Triton versions differ in what they
-    accept), fall back to the software-pipelined loop once and remember it."""
-    key = (id(kernel), kw.get("BLOCK_M"), kw.get("BLOCK_N"), kw.get("num_warps"), kw.get("num_stages"))
-    if kw.get("WARP_SPEC") and key in _WS_BROKEN:
-        kw["WARP_SPEC"] = False
-    try:
-        return kernel[grid](*args, **kw)
-    except Exception as e:  # compile-time failure of the warp-specialised variant
-        if not kw.get("WARP_SPEC") or isinstance(e, ValueError):
-            raise
-        import warnings
+    """Launch; if the compile of an optional path fails (warp specialisation, or an
+    overlapped loop running out of shared memory; Triton versions differ in what they
+    accept), drop that path, warn once and remember it for this launch shape."""
+    key = (id(kernel), tuple(sorted((k, v) for k, v in kw.items() if k not in _FALLBACK_FLAGS)))
+    for flag in _FALLBACK_FLAGS:
+        if kw.get(flag) and (key, flag) in _WS_BROKEN:
+            kw[flag] = False
+    while True:
+        try:
+            return kernel[grid](*args, **kw)
+        except Exception as e:  # compile-time or resource failure of an optional path
+            flag = next((f for f in _FALLBACK_FLAGS if kw.get(f)), None)
+            if flag is None or isinstance(e, ValueError):
+                raise
+            import warnings
 
-        warnings.warn(f"warp-specialised compile failed ({type(e).__name__}: {str(e)[:200]}); "
-                      "falling back to warp_specialize=False", RuntimeWarning)
-        _WS_BROKEN.add(key)
-        kw["WARP_SPEC"] = False
-        return kernel[grid](*args, **kw)
+            warnings.warn(f"{flag} compile failed ({type(e).__name__}: {str(e)[:200]}); "
+                          f"falling back to {flag}=False", RuntimeWarning)
+            _WS_BROKEN.add((key, flag))
+            kw[flag] = False
 
 
 def _auto_splits(n_programs: int, device: torch.device) -> int:
@@ -184,7 +195,7 @@ def attention_forward(
         q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_valid, visit_slots, visit_count,
         o, lse, o_part, lse_part,
         B, nslots, scale,
-        BLOCK_M=bm, BLOCK_N=bn, KV_SPLITS=splits, WARP_SPEC=ws,
+        BLOCK_M=bm, BLOCK_N=bn, KV_SPLITS=splits, WARP_SPEC=ws, OVERLAP=bool(cfg.fwd_overlap),
         num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
     )
     if splits > 1:
@@ -227,7 +238,7 @@ def launch_bwd_fused(spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_vali
     vs = _visits_or_dummy(spec, visit_slots)
     do = do.contiguous()
     variant = _variant_for(
-        cfg, spec, q, B * H * NQB * BT, B * spec.num_kv_heads * nslots * BT, (q, k_cur, v_cur, kp, vp, do),
+        _bwd(cfg), spec, q, B * H * NQB * BT, B * spec.num_kv_heads * nslots * BT, (q, k_cur, v_cur, kp, vp, do),
     )
     mod = load_attention_kernels(spec, variant)
     delta = _out(B, H, NQB, BT, dtype=torch.float32, device=q.device)
@@ -247,7 +258,7 @@ def launch_bwd_fused(spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_vali
         dv_pool = _out_like(v_pool)
     n_dq = B * H * NQB * (BT // cfg.dq_block_m)
     n_kv = ts.num_items * (BT // cfg.dkdv_block_n)
-    mod.pbsa_bwd_fused_kernel[(n_dq + n_kv,)](
+    _run(mod.pbsa_bwd_fused_kernel, (n_dq + n_kv,),
         q, k_cur, v_cur, cur_valid, kp, vp, sv, vs, visit_count,
         o, do, lse, dq, delta, dk_cur, dv_cur,
         dk_pool if need_pool else dk_cur, dv_pool if need_pool else dv_cur,
@@ -255,6 +266,7 @@ def launch_bwd_fused(spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_vali
         B, nslots, ts.num_items_per_head, n_dq, scale,
         DQ_BLOCK_M=cfg.dq_block_m, DQ_BLOCK_N=cfg.dq_block_n,
         KV_BLOCK_M=cfg.dkdv_block_m, KV_BLOCK_N=cfg.dkdv_block_n,
+        DQ_OVERLAP=bool(cfg.dq_overlap), KV_OVERLAP=bool(cfg.dkdv_overlap),
         num_warps=max(cfg.dq_warps, cfg.dkdv_warps), num_stages=cfg.dkdv_stages,
     )
     return dq, dk_cur, dv_cur, dk_pool, dv_pool
@@ -267,11 +279,11 @@ def launch_dq(spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_valid, visi
     H, NQB, BT = spec.num_heads, spec.num_query_blocks, spec.block_tokens
     kp, vp, sv, nslots = _pool_or_dummy(spec, B, k_pool, v_pool, slot_valid)
     vs = _visits_or_dummy(spec, visit_slots)
+    do = do.contiguous()
     variant = _variant_for(
-        cfg, spec, q, B * H * NQB * BT, B * spec.num_kv_heads * nslots * BT, (q, k_cur, v_cur, kp, vp),
+        _bwd(cfg), spec, q, B * H * NQB * BT, B * spec.num_kv_heads * nslots * BT, (q, k_cur, v_cur, kp, vp, do),
     )
     mod = load_attention_kernels(spec, variant)
-    do = do.contiguous()
     dq = _out_like(q)
     delta = _out(B, H, NQB, BT, dtype=torch.float32, device=q.device)
     has_dlse = dlse is not None
@@ -282,6 +294,7 @@ def launch_dq(spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_valid, visi
         o, do, lse, dlse_t, dq, delta,
         B, nslots, scale,
         BLOCK_M=bm, BLOCK_N=bn, HAS_DLSE=has_dlse, WARP_SPEC=bool(cfg.bwd_warp_specialize and q.is_cuda),
+        OVERLAP=bool(cfg.dq_overlap),
         num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
     )
     return dq, delta
@@ -295,11 +308,11 @@ def launch_dkdv(spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_valid, vi
     nslots_real = k_pool.shape[2]
     need_pool = need_pool and nslots_real > 0
     kp, vp, sv, nslots = _pool_or_dummy(spec, B, k_pool, v_pool, slot_valid)
+    do = do.contiguous()
     variant = _variant_for(
-        cfg, spec, q, B * H * NQB * BT, B * spec.num_kv_heads * nslots * BT, (q, k_cur, v_cur, kp, vp, do),
+        _bwd(cfg), spec, q, B * H * NQB * BT, B * spec.num_kv_heads * nslots * BT, (q, k_cur, v_cur, kp, vp, do),
     )
     mod = load_attention_kernels(spec, variant)
-    do = do.contiguous()
     ts = build_transposed_schedule(spec, visit_slots, visit_count, nslots_real, include_pool=need_pool)
     dk_cur = _out_like(k_cur)
     dv_cur = _out_like(v_cur)
@@ -315,6 +328,7 @@ def launch_dkdv(spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_valid, vi
         ts.item_order, ts.row_ptr, ts.visitors,
         B, nslots, ts.num_items_per_head, scale,
         BLOCK_M=bm, BLOCK_N=bn, WARP_SPEC=bool(cfg.bwd_warp_specialize and q.is_cuda),
+        OVERLAP=bool(cfg.dkdv_overlap),
         num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages,
     )
     return dk_cur, dv_cur, dk_pool, dv_pool

@@ -21,7 +21,7 @@ import re
 
 from .kernel_spec import AttentionKernelSpec
 
-GENERATOR_VERSION = "pbsa-attn-1"
+GENERATOR_VERSION = "pbsa-attn-2"
 
 _TAG_RE = re.compile(r"\s*#\?\s*([!A-Z0-9_, ]+)$")
 
@@ -114,15 +114,150 @@ def _softmax_update(acc, m_i, l_i, q, k, v, col_ok, qk_scale, MASKED: tl.constex
 
 
 @triton.jit
-def _dq_update(dq, q, do, k, v, lse2, delta, col_ok, qk_scale, MASKED: tl.constexpr):
+def _softmax_p(qk, m_i, l_i, col_ok, qk_scale, MASKED: tl.constexpr):
+    """Online-softmax step on raw scores `qk` of one key tile: returns (P in fp32, new row
+    max, new row sum, alpha = the accumulator's rescale factor). P is converted to the
+    input dtype right before its matmul, inside the loop iteration that uses it, so that
+    Triton keeps it in registers (a P carried across iterations in bf16 would be staged
+    through shared memory, with a CTA barrier per iteration)."""
+    if MASKED:
+        qk = tl.where(col_ok[None, :], qk, MASK_VALUE)
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    if MASKED:  # exact zeros, also when a whole row of the tile is masked
+        p = tl.where(col_ok[None, :], p, 0.0)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return p, m_new, l_i, alpha
+
+
+@triton.jit
+def _tile_row(t, VIS, VALID, base, BLOCK_N: tl.constexpr, KSUB: tl.constexpr, POOL: tl.constexpr):
+    """First row (in the 2-D [rows, D] view) of key tile t of a segment, and the valid
+    token count of its block (current block t // KSUB, or the pool slot VIS[t // KSUB])."""
+    j = t // KSUB
+    if POOL:
+        j = tl.load(VIS + j)
+    row = (base + j) * BT + (t % KSUB) * BLOCK_N
+    n_ok = BT  #? !PAD
+    n_ok = tl.load(VALID + j)  #? PAD
+    return row, n_ok
+
+
+@triton.jit
+def _load_tile(X, x_desc, row, n_ok, t, BLOCK_N: tl.constexpr, KSUB: tl.constexpr):
+    """One [BLOCK_N, D] key or value tile; rows past the block's valid tokens read as 0."""
+    x = x_desc.load([row, 0])  #? DESC
+    x = tl.load(X + (row.to(tl.int64) + tl.arange(0, BLOCK_N))[:, None] * D + tl.arange(0, D)[None, :])  #? PTR
+    ok = (t % KSUB) * BLOCK_N + tl.arange(0, BLOCK_N) < n_ok  #? PAD
+    x = tl.where(ok[:, None], x, tl.zeros_like(x))  #? PAD
+    return x
+
+
+@triton.jit
+def _fwd_segment(acc, m_i, l_i, q, KX, VX, k_desc, v_desc, VIS, VALID, base, lo, hi, qk_scale,
+                 BLOCK_N: tl.constexpr, KSUB: tl.constexpr, POOL: tl.constexpr):
+    """Fold key tiles [lo, hi) of one segment into the online softmax (acc, m_i, l_i).
+
+    Software-pipelined so that Triton's Hopper pipeliner overlaps the softmax with a
+    matmul: iteration t first runs O += P(t-1) V(t-1) (waited on), then issues
+    S(t+1) = Q K(t+1)^T asynchronously (only the loop carries it) and computes the
+    softmax of S(t) while that matmul runs on the tensor cores. Every tile's K and V
+    are loaded exactly once. (This is the only overlapping order Triton 3.6's wgmma
+    pipeliner accepts; on H100 ptxas still serialises it, so it is off by default.)"""
+    offs_n = tl.arange(0, BLOCK_N)
+    if lo < hi:
+        row, n_ok = _tile_row(lo, VIS, VALID, base, BLOCK_N, KSUB, POOL)
+        k = _load_tile(KX, k_desc, row, n_ok, lo, BLOCK_N, KSUB)
+        col_ok = (lo % KSUB) * BLOCK_N + offs_n < n_ok  #? PAD
+        p, m_i, l_i, alpha = _softmax_p(tl.dot(q, tl.trans(k)@PREC@), m_i, l_i, col_ok, qk_scale, True)  #? PAD
+        p, m_i, l_i, alpha = _softmax_p(tl.dot(q, tl.trans(k)@PREC@), m_i, l_i, offs_n, qk_scale, False)  #? !PAD
+        acc = acc * alpha[:, None]
+        if lo + 1 < hi:
+            row, n_ok = _tile_row(lo + 1, VIS, VALID, base, BLOCK_N, KSUB, POOL)
+            k = _load_tile(KX, k_desc, row, n_ok, lo + 1, BLOCK_N, KSUB)
+            s = tl.dot(q, tl.trans(k)@PREC@)
+            for t in tl.range(lo + 1, hi - 1):
+                row, n_ok = _tile_row(t - 1, VIS, VALID, base, BLOCK_N, KSUB, POOL)
+                v = _load_tile(VX, v_desc, row, n_ok, t - 1, BLOCK_N, KSUB)
+                acc = tl.dot(p.to(v.dtype), v, acc@PREC@)
+                row, n_ok = _tile_row(t + 1, VIS, VALID, base, BLOCK_N, KSUB, POOL)
+                k = _load_tile(KX, k_desc, row, n_ok, t + 1, BLOCK_N, KSUB)
+                s_next = tl.dot(q, tl.trans(k)@PREC@)
+                _, n_ok = _tile_row(t, VIS, VALID, base, BLOCK_N, KSUB, POOL)  #? PAD
+                col_ok = (t % KSUB) * BLOCK_N + offs_n < n_ok  #? PAD
+                p, m_i, l_i, alpha = _softmax_p(s, m_i, l_i, col_ok, qk_scale, True)  #? PAD
+                p, m_i, l_i, alpha = _softmax_p(s, m_i, l_i, offs_n, qk_scale, False)  #? !PAD
+                acc = acc * alpha[:, None]
+                s = s_next
+            row, n_ok = _tile_row(hi - 2, VIS, VALID, base, BLOCK_N, KSUB, POOL)
+            v = _load_tile(VX, v_desc, row, n_ok, hi - 2, BLOCK_N, KSUB)
+            acc = tl.dot(p.to(v.dtype), v, acc@PREC@)
+            _, n_ok = _tile_row(hi - 1, VIS, VALID, base, BLOCK_N, KSUB, POOL)  #? PAD
+            col_ok = ((hi - 1) % KSUB) * BLOCK_N + offs_n < n_ok  #? PAD
+            p, m_i, l_i, alpha = _softmax_p(s, m_i, l_i, col_ok, qk_scale, True)  #? PAD
+            p, m_i, l_i, alpha = _softmax_p(s, m_i, l_i, offs_n, qk_scale, False)  #? !PAD
+            acc = acc * alpha[:, None]
+        row, n_ok = _tile_row(hi - 1, VIS, VALID, base, BLOCK_N, KSUB, POOL)
+        v = _load_tile(VX, v_desc, row, n_ok, hi - 1, BLOCK_N, KSUB)
+        acc = tl.dot(p.to(v.dtype), v, acc@PREC@)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _dq_update(dq, q, do, k, v, lse2, delta, row_ok, col_ok, qk_scale, MASKED: tl.constexpr):
     """dQ += dS @ K for one key tile (dS = P * (dO V^T - delta)); scale applied by the caller."""
     qk = tl.dot(q, tl.trans(k)@PREC@) * qk_scale
     p = tl.math.exp2(qk - lse2[:, None])
-    if MASKED:
-        p = tl.where(col_ok[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v)@PREC@)
     ds = p * (dp - delta[:, None])
+    if MASKED:
+        ds = tl.where(row_ok[:, None] & col_ok[None, :], ds, 0.0)
     dq = tl.dot(ds.to(k.dtype), k, dq@PREC@)
+    return dq
+
+
+@triton.jit
+def _ds_tile(qk, dp, lse2, delta, row_ok, col_ok, qk_scale, MASKED: tl.constexpr):
+    """dS = P * (dP - delta) of one key tile (P recomputed from the stored LSE); exact 0
+    outside the valid (query row, key column) box, whatever padded rows hold."""
+    ds = tl.math.exp2(qk * qk_scale - lse2[:, None]) * (dp - delta[:, None])
+    if MASKED:
+        ds = tl.where(row_ok[:, None] & col_ok[None, :], ds, 0.0)
+    return ds
+
+
+@triton.jit
+def _dq_segment(dq, q, do, lse2, delta, row_ok, KX, VX, k_desc, v_desc, VIS, VALID, base, lo, hi, qk_scale,
+                BLOCK_N: tl.constexpr, KSUB: tl.constexpr, POOL: tl.constexpr):
+    """dQ += dS K over key tiles [lo, hi) of one segment, software-pipelined: iteration t
+    computes S(t) = Q K(t)^T (waited on, which also retires dP(t) issued one iteration
+    earlier), issues dP(t+1) = dO V(t+1)^T asynchronously, and computes P(t), dS(t)
+    while it runs; dQ += dS(t) K(t) stays in flight. K and V tiles are loaded once each."""
+    offs_n = tl.arange(0, BLOCK_N)
+    if lo < hi:
+        row, n_ok = _tile_row(lo, VIS, VALID, base, BLOCK_N, KSUB, POOL)
+        v = _load_tile(VX, v_desc, row, n_ok, lo, BLOCK_N, KSUB)
+        dp = tl.dot(do, tl.trans(v)@PREC@)
+        for t in tl.range(lo, hi - 1):
+            row, n_ok = _tile_row(t, VIS, VALID, base, BLOCK_N, KSUB, POOL)
+            k = _load_tile(KX, k_desc, row, n_ok, t, BLOCK_N, KSUB)
+            qk = tl.dot(q, tl.trans(k)@PREC@)
+            row1, n_ok1 = _tile_row(t + 1, VIS, VALID, base, BLOCK_N, KSUB, POOL)
+            v = _load_tile(VX, v_desc, row1, n_ok1, t + 1, BLOCK_N, KSUB)
+            dp_next = tl.dot(do, tl.trans(v)@PREC@)
+            col_ok = (t % KSUB) * BLOCK_N + offs_n < n_ok  #? PAD
+            ds = _ds_tile(qk, dp, lse2, delta, row_ok, col_ok, qk_scale, True)  #? PAD
+            ds = _ds_tile(qk, dp, lse2, delta, offs_n, offs_n, qk_scale, False)  #? !PAD
+            dq = tl.dot(ds.to(k.dtype), k, dq@PREC@)
+            dp = dp_next
+        row, n_ok = _tile_row(hi - 1, VIS, VALID, base, BLOCK_N, KSUB, POOL)
+        k = _load_tile(KX, k_desc, row, n_ok, hi - 1, BLOCK_N, KSUB)
+        qk = tl.dot(q, tl.trans(k)@PREC@)
+        col_ok = ((hi - 1) % KSUB) * BLOCK_N + offs_n < n_ok  #? PAD
+        ds = _ds_tile(qk, dp, lse2, delta, row_ok, col_ok, qk_scale, True)  #? PAD
+        ds = _ds_tile(qk, dp, lse2, delta, offs_n, offs_n, qk_scale, False)  #? !PAD
+        dq = tl.dot(ds.to(k.dtype), k, dq@PREC@)
     return dq
 
 
@@ -133,6 +268,19 @@ def _dkdv_update(dk, dv, k, v, q, do, lse2, delta, qk_scale):
     pT = tl.math.exp2(qkT - lse2[None, :])
     dv = tl.dot(pT.to(do.dtype), do, dv@PREC@)
     dpT = tl.dot(v, tl.trans(do)@PREC@)
+    dsT = pT * (dpT - delta[None, :])
+    dk = tl.dot(dsT.to(q.dtype), q, dk@PREC@)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_update2(dk, dv, k, v, q, do, lse2, delta, qk_scale):
+    """As _dkdv_update, ordered so that the two score matmuls run back to back and
+    dS^T is computed while dV += P^T dO runs on the tensor cores."""
+    qkT = tl.dot(k, tl.trans(q)@PREC@)
+    dpT = tl.dot(v, tl.trans(do)@PREC@)
+    pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+    dv = tl.dot(pT.to(do.dtype), do, dv@PREC@)
     dsT = pT * (dpT - delta[None, :])
     dk = tl.dot(dsT.to(q.dtype), q, dk@PREC@)
     return dk, dv
@@ -147,6 +295,7 @@ def pbsa_fwd_kernel(
     O, LSE, O_PART, LSE_PART,
     B, NSLOTS, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_SPLITS: tl.constexpr, WARP_SPEC: tl.constexpr,
+    OVERLAP: tl.constexpr = True,
 ):
     """Forward. One program per (b, kv head, query block, head of the group, row tile
     of BLOCK_M tokens, kv split): one online softmax over the current-chunk blocks
@@ -198,36 +347,54 @@ def pbsa_fwd_kernel(
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     qk_scale = sm_scale * LOG2E
 
-    # ---- segment "current": the chunk's own blocks, read from k_cur/v_cur ----
-    for it in tl.range(it_lo, tl.minimum(it_hi, cur_end), warp_specialize=WARP_SPEC):
-        j = it // KSUB
-        kv_row = (bhkv * NQB + j) * BT + (it % KSUB) * BLOCK_N
-        col_ok = (it % KSUB) * BLOCK_N + offs_n < tl.load(CUR_VALID + j)  #? PAD
-        k = kc_desc.load([kv_row, 0])  #? DESC
-        v = vc_desc.load([kv_row, 0])  #? DESC
-        v = tl.where(col_ok[:, None], v, tl.zeros_like(v))  #? DESC,PAD
-        kv_offs = (kv_row + offs_n).to(tl.int64)[:, None] * D + offs_d[None, :]  #? PTR
-        k = tl.load(K_CUR + kv_offs)  #? PTR
-        v = tl.load(V_CUR + kv_offs)  #? PTR,!PAD
-        v = tl.load(V_CUR + kv_offs, mask=col_ok[:, None], other=0.0)  #? PTR,PAD
-        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, col_ok, qk_scale, True)  #? PAD
-        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, offs_n, qk_scale, False)  #? !PAD
+    if OVERLAP:
+        # Software-pipelined loop (see _fwd_segment): the softmax of key tile t runs on the
+        # CUDA cores while the tensor cores compute the scores of tile t+1. Measured slower
+        # than the straight loop below with Triton 3.6 on H100 (docs/benchmarks.md).
+        kc_desc = None  #? PTR
+        vc_desc = None  #? PTR
+        kp_desc = None  #? PTR
+        vp_desc = None  #? PTR
+        # ---- segment "current": the chunk's own blocks, read from k_cur/v_cur ----
+        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, K_CUR, V_CUR, kc_desc, vc_desc, CUR_VALID, CUR_VALID,
+                                     bhkv * NQB, it_lo, tl.minimum(it_hi, cur_end), qk_scale,
+                                     BLOCK_N, KSUB, False)
+        # ---- segment "pool": visited slots, read in place from k_pool/v_pool ----
+        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, K_POOL, V_POOL, kp_desc, vp_desc,
+                                     VISIT_SLOTS + (bh * NQB + qb).to(tl.int64) * MAXV, SLOT_VALID + bhkv * NSLOTS,
+                                     bhkv * NSLOTS, tl.maximum(it_lo, cur_end) - cur_end, it_hi - cur_end, qk_scale,
+                                     BLOCK_N, KSUB, True)
+    else:
+        # ---- segment "current": the chunk's own blocks, read from k_cur/v_cur ----
+        for it in tl.range(it_lo, tl.minimum(it_hi, cur_end), warp_specialize=WARP_SPEC):
+            j = it // KSUB
+            kv_row = (bhkv * NQB + j) * BT + (it % KSUB) * BLOCK_N
+            col_ok = (it % KSUB) * BLOCK_N + offs_n < tl.load(CUR_VALID + j)  #? PAD
+            k = kc_desc.load([kv_row, 0])  #? DESC
+            v = vc_desc.load([kv_row, 0])  #? DESC
+            v = tl.where(col_ok[:, None], v, tl.zeros_like(v))  #? DESC,PAD
+            kv_offs = (kv_row + offs_n).to(tl.int64)[:, None] * D + offs_d[None, :]  #? PTR
+            k = tl.load(K_CUR + kv_offs)  #? PTR
+            v = tl.load(V_CUR + kv_offs)  #? PTR,!PAD
+            v = tl.load(V_CUR + kv_offs, mask=col_ok[:, None], other=0.0)  #? PTR,PAD
+            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, col_ok, qk_scale, True)  #? PAD
+            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, offs_n, qk_scale, False)  #? !PAD
 
-    # ---- segment "pool": visited slots, read in place from k_pool/v_pool ----
-    visits = VISIT_SLOTS + (bh * NQB + qb).to(tl.int64) * MAXV
-    for it in tl.range(tl.maximum(it_lo, cur_end) - cur_end, it_hi - cur_end, warp_specialize=WARP_SPEC):
-        slot = tl.load(visits + it // KSUB)
-        kv_row = (bhkv * NSLOTS + slot) * BT + (it % KSUB) * BLOCK_N
-        col_ok = (it % KSUB) * BLOCK_N + offs_n < tl.load(SLOT_VALID + bhkv * NSLOTS + slot)  #? PAD
-        k = kp_desc.load([kv_row, 0])  #? DESC
-        v = vp_desc.load([kv_row, 0])  #? DESC
-        v = tl.where(col_ok[:, None], v, tl.zeros_like(v))  #? DESC,PAD
-        kv_offs = (kv_row.to(tl.int64) + offs_n)[:, None] * D + offs_d[None, :]  #? PTR
-        k = tl.load(K_POOL + kv_offs)  #? PTR
-        v = tl.load(V_POOL + kv_offs)  #? PTR,!PAD
-        v = tl.load(V_POOL + kv_offs, mask=col_ok[:, None], other=0.0)  #? PTR,PAD
-        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, col_ok, qk_scale, True)  #? PAD
-        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, offs_n, qk_scale, False)  #? !PAD
+        # ---- segment "pool": visited slots, read in place from k_pool/v_pool ----
+        visits = VISIT_SLOTS + (bh * NQB + qb).to(tl.int64) * MAXV
+        for it in tl.range(tl.maximum(it_lo, cur_end) - cur_end, it_hi - cur_end, warp_specialize=WARP_SPEC):
+            slot = tl.load(visits + it // KSUB)
+            kv_row = (bhkv * NSLOTS + slot) * BT + (it % KSUB) * BLOCK_N
+            col_ok = (it % KSUB) * BLOCK_N + offs_n < tl.load(SLOT_VALID + bhkv * NSLOTS + slot)  #? PAD
+            k = kp_desc.load([kv_row, 0])  #? DESC
+            v = vp_desc.load([kv_row, 0])  #? DESC
+            v = tl.where(col_ok[:, None], v, tl.zeros_like(v))  #? DESC,PAD
+            kv_offs = (kv_row.to(tl.int64) + offs_n)[:, None] * D + offs_d[None, :]  #? PTR
+            k = tl.load(K_POOL + kv_offs)  #? PTR
+            v = tl.load(V_POOL + kv_offs)  #? PTR,!PAD
+            v = tl.load(V_POOL + kv_offs, mask=col_ok[:, None], other=0.0)  #? PTR,PAD
+            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, col_ok, qk_scale, True)  #? PAD
+            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, offs_n, qk_scale, False)  #? !PAD
 
     # ---- epilogue ----
     rows = q_row + tl.arange(0, BLOCK_M)
@@ -297,7 +464,7 @@ def _dq_program(
     O, DO, LSE, DLSE, DQ, DELTA,
     B, NSLOTS, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DLSE: tl.constexpr, DELTA_READY: tl.constexpr,
-    WARP_SPEC: tl.constexpr,
+    WARP_SPEC: tl.constexpr, OVERLAP: tl.constexpr,
 ):
     """dQ for one row tile of BLOCK_M query tokens: same programs and same visit order as
     the forward. Unless DELTA_READY, also computes and stores DELTA = rowsum(O*dO) - dLSE."""
@@ -325,18 +492,25 @@ def _dq_program(
     vc_desc = tl.make_tensor_descriptor(V_CUR, shape=[B * HKV * NQB * BT, D], strides=[D, 1], block_shape=[BLOCK_N, D])  #? DESC
     kp_desc = tl.make_tensor_descriptor(K_POOL, shape=[B * HKV * NSLOTS * BT, D], strides=[D, 1], block_shape=[BLOCK_N, D])  #? DESC
     vp_desc = tl.make_tensor_descriptor(V_POOL, shape=[B * HKV * NSLOTS * BT, D], strides=[D, 1], block_shape=[BLOCK_N, D])  #? DESC
-    q = tl.load(Q + row_offs)
-    do = tl.load(DO + row_offs)
+    # Q and dO stay in shared memory as the matmuls' A operands (TMA) or come from
+    # registers (plain loads); padded query rows are masked out of dS either way.
+    q_desc = tl.make_tensor_descriptor(Q, shape=[B * H * NQB * BT, D], strides=[D, 1], block_shape=[BLOCK_M, D])  #? DESC
+    do_desc = tl.make_tensor_descriptor(DO, shape=[B * H * NQB * BT, D], strides=[D, 1], block_shape=[BLOCK_M, D])  #? DESC
+    q = q_desc.load([q_row, 0])  #? DESC
+    do = do_desc.load([q_row, 0])  #? DESC
+    q = tl.load(Q + row_offs)  #? PTR
+    do = tl.load(DO + row_offs)  #? PTR
     if DELTA_READY:
         delta = tl.load(DELTA + rows)
     else:
-        delta = tl.sum(tl.load(O + row_offs).to(tl.float32) * do.to(tl.float32), 1)
+        delta = tl.sum(tl.load(O + row_offs).to(tl.float32) * tl.load(DO + row_offs).to(tl.float32), 1)
         if HAS_DLSE:
             delta -= tl.load(DLSE + rows)
     lse2 = tl.load(LSE + rows) * LOG2E
     row_ok = offs_m < tl.load(CUR_VALID + qb)  #? PAD
-    q = tl.where(row_ok[:, None], q, tl.zeros_like(q))  #? PAD
-    do = tl.where(row_ok[:, None], do, tl.zeros_like(do))  #? PAD
+    row_ok = offs_m  # unused without padding  #? !PAD
+    q = tl.where(row_ok[:, None], q, tl.zeros_like(q))  #? PTR,PAD
+    do = tl.where(row_ok[:, None], do, tl.zeros_like(do))  #? PTR,PAD
     delta = tl.where(row_ok, delta, 0.0)  #? PAD
     lse2 = tl.where(row_ok, lse2, float("inf"))  # padded rows: P = 0  #? PAD
     if not DELTA_READY:
@@ -348,40 +522,53 @@ def _dq_program(
     qk_scale = sm_scale * LOG2E
     dq = tl.zeros([BLOCK_M, D], tl.float32)
 
-    # ---- segment "current" ----
-    for it in tl.range(0, n_cur * KSUB, warp_specialize=WARP_SPEC):
-        j = it // KSUB
-        kv_row = (bhkv * NQB + j) * BT + (it % KSUB) * BLOCK_N
-        col_ok = (it % KSUB) * BLOCK_N + offs_n < tl.load(CUR_VALID + j)  #? PAD
-        k = kc_desc.load([kv_row, 0])  #? DESC
-        v = vc_desc.load([kv_row, 0])  #? DESC
-        k = tl.where(col_ok[:, None], k, tl.zeros_like(k))  #? DESC,PAD
-        v = tl.where(col_ok[:, None], v, tl.zeros_like(v))  #? DESC,PAD
-        kv_offs = (kv_row + offs_n).to(tl.int64)[:, None] * D + offs_d[None, :]  #? PTR
-        k = tl.load(K_CUR + kv_offs)  #? PTR,!PAD
-        v = tl.load(V_CUR + kv_offs)  #? PTR,!PAD
-        k = tl.load(K_CUR + kv_offs, mask=col_ok[:, None], other=0.0)  #? PTR,PAD
-        v = tl.load(V_CUR + kv_offs, mask=col_ok[:, None], other=0.0)  #? PTR,PAD
-        dq = _dq_update(dq, q, do, k, v, lse2, delta, col_ok, qk_scale, True)  #? PAD
-        dq = _dq_update(dq, q, do, k, v, lse2, delta, offs_n, qk_scale, False)  #? !PAD
+    if OVERLAP:
+        kc_desc = None  #? PTR
+        vc_desc = None  #? PTR
+        kp_desc = None  #? PTR
+        vp_desc = None  #? PTR
+        # ---- segment "current" ----
+        dq = _dq_segment(dq, q, do, lse2, delta, row_ok, K_CUR, V_CUR, kc_desc, vc_desc, CUR_VALID, CUR_VALID,
+                         bhkv * NQB, 0, n_cur * KSUB, qk_scale, BLOCK_N, KSUB, False)
+        # ---- segment "pool" ----
+        dq = _dq_segment(dq, q, do, lse2, delta, row_ok, K_POOL, V_POOL, kp_desc, vp_desc,
+                         VISIT_SLOTS + (bh * NQB + qb).to(tl.int64) * MAXV, SLOT_VALID + bhkv * NSLOTS,
+                         bhkv * NSLOTS, 0, n_pool * KSUB, qk_scale, BLOCK_N, KSUB, True)
+    else:
+        # ---- segment "current" ----
+        for it in tl.range(0, n_cur * KSUB, warp_specialize=WARP_SPEC):
+            j = it // KSUB
+            kv_row = (bhkv * NQB + j) * BT + (it % KSUB) * BLOCK_N
+            col_ok = (it % KSUB) * BLOCK_N + offs_n < tl.load(CUR_VALID + j)  #? PAD
+            k = kc_desc.load([kv_row, 0])  #? DESC
+            v = vc_desc.load([kv_row, 0])  #? DESC
+            k = tl.where(col_ok[:, None], k, tl.zeros_like(k))  #? DESC,PAD
+            v = tl.where(col_ok[:, None], v, tl.zeros_like(v))  #? DESC,PAD
+            kv_offs = (kv_row + offs_n).to(tl.int64)[:, None] * D + offs_d[None, :]  #? PTR
+            k = tl.load(K_CUR + kv_offs)  #? PTR,!PAD
+            v = tl.load(V_CUR + kv_offs)  #? PTR,!PAD
+            k = tl.load(K_CUR + kv_offs, mask=col_ok[:, None], other=0.0)  #? PTR,PAD
+            v = tl.load(V_CUR + kv_offs, mask=col_ok[:, None], other=0.0)  #? PTR,PAD
+            dq = _dq_update(dq, q, do, k, v, lse2, delta, row_ok, col_ok, qk_scale, True)  #? PAD
+            dq = _dq_update(dq, q, do, k, v, lse2, delta, offs_n, offs_n, qk_scale, False)  #? !PAD
 
-    # ---- segment "pool" ----
-    visits = VISIT_SLOTS + (bh * NQB + qb).to(tl.int64) * MAXV
-    for it in tl.range(0, n_pool * KSUB, warp_specialize=WARP_SPEC):
-        slot = tl.load(visits + it // KSUB)
-        kv_row = (bhkv * NSLOTS + slot) * BT + (it % KSUB) * BLOCK_N
-        col_ok = (it % KSUB) * BLOCK_N + offs_n < tl.load(SLOT_VALID + bhkv * NSLOTS + slot)  #? PAD
-        k = kp_desc.load([kv_row, 0])  #? DESC
-        v = vp_desc.load([kv_row, 0])  #? DESC
-        k = tl.where(col_ok[:, None], k, tl.zeros_like(k))  #? DESC,PAD
-        v = tl.where(col_ok[:, None], v, tl.zeros_like(v))  #? DESC,PAD
-        kv_offs = (kv_row.to(tl.int64) + offs_n)[:, None] * D + offs_d[None, :]  #? PTR
-        k = tl.load(K_POOL + kv_offs)  #? PTR,!PAD
-        v = tl.load(V_POOL + kv_offs)  #? PTR,!PAD
-        k = tl.load(K_POOL + kv_offs, mask=col_ok[:, None], other=0.0)  #? PTR,PAD
-        v = tl.load(V_POOL + kv_offs, mask=col_ok[:, None], other=0.0)  #? PTR,PAD
-        dq = _dq_update(dq, q, do, k, v, lse2, delta, col_ok, qk_scale, True)  #? PAD
-        dq = _dq_update(dq, q, do, k, v, lse2, delta, offs_n, qk_scale, False)  #? !PAD
+        # ---- segment "pool" ----
+        visits = VISIT_SLOTS + (bh * NQB + qb).to(tl.int64) * MAXV
+        for it in tl.range(0, n_pool * KSUB, warp_specialize=WARP_SPEC):
+            slot = tl.load(visits + it // KSUB)
+            kv_row = (bhkv * NSLOTS + slot) * BT + (it % KSUB) * BLOCK_N
+            col_ok = (it % KSUB) * BLOCK_N + offs_n < tl.load(SLOT_VALID + bhkv * NSLOTS + slot)  #? PAD
+            k = kp_desc.load([kv_row, 0])  #? DESC
+            v = vp_desc.load([kv_row, 0])  #? DESC
+            k = tl.where(col_ok[:, None], k, tl.zeros_like(k))  #? DESC,PAD
+            v = tl.where(col_ok[:, None], v, tl.zeros_like(v))  #? DESC,PAD
+            kv_offs = (kv_row.to(tl.int64) + offs_n)[:, None] * D + offs_d[None, :]  #? PTR
+            k = tl.load(K_POOL + kv_offs)  #? PTR,!PAD
+            v = tl.load(V_POOL + kv_offs)  #? PTR,!PAD
+            k = tl.load(K_POOL + kv_offs, mask=col_ok[:, None], other=0.0)  #? PTR,PAD
+            v = tl.load(V_POOL + kv_offs, mask=col_ok[:, None], other=0.0)  #? PTR,PAD
+            dq = _dq_update(dq, q, do, k, v, lse2, delta, row_ok, col_ok, qk_scale, True)  #? PAD
+            dq = _dq_update(dq, q, do, k, v, lse2, delta, offs_n, offs_n, qk_scale, False)  #? !PAD
 
     tl.store(DQ + row_offs, (dq * sm_scale).to(DQ.dtype.element_ty))
 
@@ -392,11 +579,12 @@ def pbsa_bwd_dq_kernel(
     O, DO, LSE, DLSE, DQ, DELTA,
     B, NSLOTS, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DLSE: tl.constexpr, WARP_SPEC: tl.constexpr,
+    OVERLAP: tl.constexpr = True,
 ):
     """Backward, dQ (+ DELTA): one program per query row tile, as in the forward."""
     _dq_program(tl.program_id(0), Q, K_CUR, V_CUR, CUR_VALID, K_POOL, V_POOL, SLOT_VALID, VISIT_SLOTS,
                 VISIT_COUNT, O, DO, LSE, DLSE, DQ, DELTA, B, NSLOTS, sm_scale,
-                BLOCK_M, BLOCK_N, HAS_DLSE, False, WARP_SPEC)
+                BLOCK_M, BLOCK_N, HAS_DLSE, False, WARP_SPEC, OVERLAP)
 '''
 
 
@@ -408,7 +596,7 @@ def _dkdv_program(
     DO, LSE, DELTA, DK_CUR, DV_CUR, DK_POOL, DV_POOL,
     ITEM_ORDER, ROW_PTR, VISITORS,
     B, NSLOTS, NJ, sm_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr, OVERLAP: tl.constexpr,
 ):
     """dK/dV over the transposed schedule for one (key block item, row tile of BLOCK_N
     key tokens). An item is (b, kv head, j): j < NQB is current block j, j >= NQB is
@@ -427,28 +615,63 @@ def _dkdv_program(
     offs_mt = tl.arange(0, BLOCK_M)
     q_desc = tl.make_tensor_descriptor(Q, shape=[B * H * NQB * BT, D], strides=[D, 1], block_shape=[BLOCK_M, D])  #? DESC
     do_desc = tl.make_tensor_descriptor(DO, shape=[B * H * NQB * BT, D], strides=[D, 1], block_shape=[BLOCK_M, D])  #? DESC
+    kc_desc = tl.make_tensor_descriptor(K_CUR, shape=[B * HKV * NQB * BT, D], strides=[D, 1], block_shape=[BLOCK_N, D])  #? DESC
+    vc_desc = tl.make_tensor_descriptor(V_CUR, shape=[B * HKV * NQB * BT, D], strides=[D, 1], block_shape=[BLOCK_N, D])  #? DESC
+    kp_desc = tl.make_tensor_descriptor(K_POOL, shape=[B * HKV * NSLOTS * BT, D], strides=[D, 1], block_shape=[BLOCK_N, D])  #? DESC
+    vp_desc = tl.make_tensor_descriptor(V_POOL, shape=[B * HKV * NSLOTS * BT, D], strides=[D, 1], block_shape=[BLOCK_N, D])  #? DESC
+    q_desc = None  #? PTR
+    do_desc = None  #? PTR
+    kc_desc = None  #? PTR
+    vc_desc = None  #? PTR
+    kp_desc = None  #? PTR
+    vp_desc = None  #? PTR
+    e_lo = tl.load(ROW_PTR + item)
+    e_hi = tl.load(ROW_PTR + item + 1)
+    # one loop body per source tensor, so that K/V stay in shared memory (TMA) as the
+    # A operands of the transposed matmuls
     if j < NQB:  # a block of the current chunk
         kv_row = (bhkv * NQB + j) * BT + ksub * BLOCK_N
+        n_valid = BT  #? !PAD
         n_valid = tl.load(CUR_VALID + j)  #? PAD
+        dk, dv = _dkdv_item(Q, DO, LSE, DELTA, CUR_VALID, VISITORS, K_CUR, V_CUR, q_desc, do_desc, kc_desc, vc_desc,
+                            kv_row, n_valid, ksub, b, e_lo, e_hi, sm_scale, BLOCK_M, BLOCK_N, WARP_SPEC, OVERLAP)
         kv_offs = (kv_row + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None] * D + offs_d[None, :]
-        k = tl.load(K_CUR + kv_offs)  # once per program: plain loads measured faster than TMA here
-        v = tl.load(V_CUR + kv_offs)
+        tl.store(DK_CUR + kv_offs, dk.to(DK_CUR.dtype.element_ty))
+        tl.store(DV_CUR + kv_offs, dv.to(DV_CUR.dtype.element_ty))
     else:  # a pool slot
         slot = j - NQB
         kv_row = (bhkv * NSLOTS + slot) * BT + ksub * BLOCK_N
+        n_valid = BT  #? !PAD
         n_valid = tl.load(SLOT_VALID + bhkv * NSLOTS + slot)  #? PAD
+        dk, dv = _dkdv_item(Q, DO, LSE, DELTA, CUR_VALID, VISITORS, K_POOL, V_POOL, q_desc, do_desc, kp_desc, vp_desc,
+                            kv_row, n_valid, ksub, b, e_lo, e_hi, sm_scale, BLOCK_M, BLOCK_N, WARP_SPEC, OVERLAP)
         kv_offs = (kv_row.to(tl.int64) + tl.arange(0, BLOCK_N))[:, None] * D + offs_d[None, :]
-        k = tl.load(K_POOL + kv_offs)
-        v = tl.load(V_POOL + kv_offs)
-    kv_ok = offs_n < n_valid  #? PAD
-    k = tl.where(kv_ok[:, None], k, tl.zeros_like(k))  #? PAD
-    v = tl.where(kv_ok[:, None], v, tl.zeros_like(v))  #? PAD
+        tl.store(DK_POOL + kv_offs, dk.to(DK_POOL.dtype.element_ty))
+        tl.store(DV_POOL + kv_offs, dv.to(DV_POOL.dtype.element_ty))
 
+
+@triton.jit
+def _dkdv_item(Q, DO, LSE, DELTA, CUR_VALID, VISITORS, KX, VX, q_desc, do_desc, k_desc, v_desc,
+               kv_row, n_valid, ksub, b, e_lo, e_hi, sm_scale,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr, OVERLAP: tl.constexpr):
+    """dK, dV (scaled, padded key rows zeroed) of one [BLOCK_N, D] key tile at kv_row over
+    its visitors VISITORS[e_lo:e_hi] (fixed order: deterministic). Padded key rows are
+    not masked on load: every row of dK/dV depends only on its own K/V row, and those
+    rows are zeroed at the end."""
+    QSUB: tl.constexpr = @BT@ // BLOCK_M
+    offs_d = tl.arange(0, D)
+    offs_mt = tl.arange(0, BLOCK_M)
+    k = k_desc.load([kv_row, 0])  #? DESC
+    v = v_desc.load([kv_row, 0])  #? DESC
+    kv_offs = (kv_row.to(tl.int64) + tl.arange(0, BLOCK_N))[:, None] * D + offs_d[None, :]  #? PTR
+    k = tl.load(KX + kv_offs)  #? PTR
+    v = tl.load(VX + kv_offs)  #? PTR
+    kv_ok = ksub * BLOCK_N + tl.arange(0, BLOCK_N) < n_valid  #? PAD
+    k = tl.where(kv_ok[:, None], k, tl.zeros_like(k))  #? PTR,PAD
+    v = tl.where(kv_ok[:, None], v, tl.zeros_like(v))  #? PTR,PAD
     qk_scale = sm_scale * LOG2E
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
-    e_lo = tl.load(ROW_PTR + item)
-    e_hi = tl.load(ROW_PTR + item + 1)
     for it in tl.range(e_lo * QSUB, e_hi * QSUB, warp_specialize=WARP_SPEC):
         vis = tl.load(VISITORS + it // QSUB)  # h * NQB + qb
         qsub = it % QSUB
@@ -464,17 +687,14 @@ def _dkdv_program(
         q = tl.where(row_ok[:, None], q, tl.zeros_like(q))  #? PAD
         do = tl.where(row_ok[:, None], do, tl.zeros_like(do))  #? PAD
         lse2 = tl.where(row_ok, lse2, float("inf"))  #? PAD
-        dk, dv = _dkdv_update(dk, dv, k, v, q, do, lse2, delta, qk_scale)
-
+        if OVERLAP:
+            dk, dv = _dkdv_update2(dk, dv, k, v, q, do, lse2, delta, qk_scale)
+        else:
+            dk, dv = _dkdv_update(dk, dv, k, v, q, do, lse2, delta, qk_scale)
     dk = dk * sm_scale
     dk = tl.where(kv_ok[:, None], dk, 0.0)  #? PAD
     dv = tl.where(kv_ok[:, None], dv, 0.0)  #? PAD
-    if j < NQB:
-        tl.store(DK_CUR + kv_offs, dk.to(DK_CUR.dtype.element_ty))
-        tl.store(DV_CUR + kv_offs, dv.to(DV_CUR.dtype.element_ty))
-    else:
-        tl.store(DK_POOL + kv_offs, dk.to(DK_POOL.dtype.element_ty))
-        tl.store(DV_POOL + kv_offs, dv.to(DV_POOL.dtype.element_ty))
+    return dk, dv
 
 
 @triton.jit
@@ -483,12 +703,12 @@ def pbsa_bwd_dkdv_kernel(
     DO, LSE, DELTA, DK_CUR, DV_CUR, DK_POOL, DV_POOL,
     ITEM_ORDER, ROW_PTR, VISITORS,
     B, NSLOTS, NJ, sm_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr, OVERLAP: tl.constexpr = True,
 ):
     """Backward, dK/dV over the transposed schedule (reads DELTA)."""
     _dkdv_program(tl.program_id(0), Q, K_CUR, V_CUR, CUR_VALID, K_POOL, V_POOL, SLOT_VALID,
                   DO, LSE, DELTA, DK_CUR, DV_CUR, DK_POOL, DV_POOL, ITEM_ORDER, ROW_PTR, VISITORS,
-                  B, NSLOTS, NJ, sm_scale, BLOCK_M, BLOCK_N, WARP_SPEC)
+                  B, NSLOTS, NJ, sm_scale, BLOCK_M, BLOCK_N, WARP_SPEC, OVERLAP)
 
 
 @triton.jit
@@ -498,6 +718,7 @@ def pbsa_bwd_fused_kernel(
     ITEM_ORDER, ROW_PTR, VISITORS,
     B, NSLOTS, NJ, N_DQ_PROGRAMS, sm_scale,
     DQ_BLOCK_M: tl.constexpr, DQ_BLOCK_N: tl.constexpr, KV_BLOCK_M: tl.constexpr, KV_BLOCK_N: tl.constexpr,
+    DQ_OVERLAP: tl.constexpr = True, KV_OVERLAP: tl.constexpr = True,
 ):
     """Backward in one launch, after pbsa_bwd_preprocess_kernel wrote DELTA: programs
     below N_DQ_PROGRAMS compute dQ, the others dK/dV (items longest first), so the
@@ -506,11 +727,11 @@ def pbsa_bwd_fused_kernel(
     if pid < N_DQ_PROGRAMS:
         _dq_program(pid, Q, K_CUR, V_CUR, CUR_VALID, K_POOL, V_POOL, SLOT_VALID, VISIT_SLOTS,
                     VISIT_COUNT, O, DO, LSE, DELTA, DQ, DELTA, B, NSLOTS, sm_scale,
-                    DQ_BLOCK_M, DQ_BLOCK_N, False, True, False)
+                    DQ_BLOCK_M, DQ_BLOCK_N, False, True, False, DQ_OVERLAP)
     else:
         _dkdv_program(pid - N_DQ_PROGRAMS, Q, K_CUR, V_CUR, CUR_VALID, K_POOL, V_POOL, SLOT_VALID,
                       DO, LSE, DELTA, DK_CUR, DV_CUR, DK_POOL, DV_POOL, ITEM_ORDER, ROW_PTR, VISITORS,
-                      B, NSLOTS, NJ, sm_scale, KV_BLOCK_M, KV_BLOCK_N, False)
+                      B, NSLOTS, NJ, sm_scale, KV_BLOCK_M, KV_BLOCK_N, False, KV_OVERLAP)
 '''
 
 

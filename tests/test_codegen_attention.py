@@ -237,8 +237,9 @@ def problems(draw):
         variant=draw(st.sampled_from(["ptr", "desc"])),
         fwd_block_m=sub, fwd_block_n=draw(st.sampled_from([16, bt])),
         fwd_kv_splits=draw(st.sampled_from([1, 1, 2, 3])),
-        dq_block_m=sub, dq_block_n=16, dkdv_block_m=16, dkdv_block_n=sub,
+        dq_block_m=sub, dq_block_n=draw(st.sampled_from([16, bt])), dkdv_block_m=16, dkdv_block_n=sub,
         bwd_fused=draw(st.booleans()),
+        fwd_overlap=draw(st.booleans()), dq_overlap=draw(st.booleans()), dkdv_overlap=draw(st.booleans()),
     )
     pool_grad = draw(st.booleans())
     return spec, B, nslots, seed, config, pool_grad
