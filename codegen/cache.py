@@ -84,6 +84,19 @@ def _first_line(path: Path) -> str:
         return ""
 
 
+def write_and_import(path: Path, marker: str, render, module_name: str) -> tuple[ModuleType, bool]:
+    """Import the generated module at `path`, first writing `render()` there (atomically)
+    unless the file already starts with `marker`. Returns (module, whether it was rendered)."""
+    rendered = _first_line(path) != marker
+    if rendered:
+        _atomic_write(path, render())
+    ispec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(ispec)
+    sys.modules[module_name] = module  # Triton and inspect look modules up by name
+    ispec.loader.exec_module(module)
+    return module, rendered
+
+
 def load_attention_kernels(spec: AttentionKernelSpec, variant: str = "ptr") -> ModuleType:
     """The generated module for (spec, variant); renders and writes it only on a cache miss."""
     mod = _LOADED.get((spec, variant))
@@ -95,18 +108,11 @@ def load_attention_kernels(spec: AttentionKernelSpec, variant: str = "ptr") -> M
             return mod
         key = kernel_key(spec, variant)
         path = cache_dir() / f"pbsa_attn_{key}.py"
-        marker = f"# sparsedsl-kernel-key: {key}"
-        if _first_line(path) != marker:
-            source = render_attention_source(spec, variant, key=key)
-            _atomic_write(path, source)
-            STATS["renders"] += 1
-        else:
-            STATS["disk_loads"] += 1
-        name = f"sparsedsl_kernels.pbsa_attn_{key}"
-        ispec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(ispec)
-        sys.modules[name] = mod  # Triton and inspect look modules up by name
-        ispec.loader.exec_module(mod)
+        mod, rendered = write_and_import(
+            path, f"# sparsedsl-kernel-key: {key}",
+            lambda: render_attention_source(spec, variant, key=key),
+            f"sparsedsl_kernels.pbsa_attn_{key}")
+        STATS["renders" if rendered else "disk_loads"] += 1
         mod.KERNEL_KEY = key
         mod.KERNEL_PATH = str(path)
         _LOADED[(spec, variant)] = mod

@@ -9,7 +9,6 @@ returns the shrunk counterexample if one fails.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 

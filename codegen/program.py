@@ -82,18 +82,12 @@ class PBSAProgram:
                                            str(self.schedule.pattern).splitlines())]
         return "\n".join(header) + "\n" + kernel_source(self.kernel_spec(step, dtype), "ptr")
 
-    def write_source(self, out_dir) -> "Path":
+    def write_source(self, out_dir):
         """Write the generated source to OUT_DIR/<pattern>-<key>.py (atomically); return the path."""
-        import os
-        import tempfile
         from pathlib import Path
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"{self.schedule.pattern_name}-{self.schedule.key}.py"
-        fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            handle.write(self.source)
-        os.replace(tmp, path)
+        from .cache import _atomic_write
+        path = Path(out_dir) / f"{self.schedule.pattern_name}-{self.schedule.key}.py"
+        _atomic_write(path, self.source)
         return path
 
     def property_check(self, examples: int = 20, device: str = "cpu", dtypes=None):

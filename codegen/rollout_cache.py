@@ -65,7 +65,6 @@ a commit past `max_frames`.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path

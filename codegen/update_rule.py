@@ -44,9 +44,7 @@ raises `UnsupportedScoreError` naming the function, when the program builds its 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,7 +335,7 @@ STATS = {"renders": 0, "disk_loads": 0}
 
 def load_update_rule(expr, header: tuple[str, ...] = ()) -> UpdateRule:
     """The generated module of `expr`: rendered and written only on a cache miss."""
-    from .cache import _atomic_write, _first_line, cache_dir
+    from .cache import cache_dir, write_and_import
 
     expr = sympy.sympify(expr)
     key = update_key(expr)
@@ -350,16 +348,9 @@ def load_update_rule(expr, header: tuple[str, ...] = ()) -> UpdateRule:
             return rule
         source = render_update_source(expr, key, header)  # raises UnsupportedScoreError early
         path = cache_dir() / f"pbsa_update_{key}.py"
-        if _first_line(path) != f"# sparsedsl-update-key: {key}":
-            _atomic_write(path, source)
-            STATS["renders"] += 1
-        else:
-            STATS["disk_loads"] += 1
-        name = f"sparsedsl_kernels.pbsa_update_{key}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # Triton and inspect look modules up by name
-        spec.loader.exec_module(module)
+        module, rendered = write_and_import(path, f"# sparsedsl-update-key: {key}",
+                                            lambda: source, f"sparsedsl_kernels.pbsa_update_{key}")
+        STATS["renders" if rendered else "disk_loads"] += 1
         rule = UpdateRule(expr, key, str(path), module)
         _LOADED[key] = rule
         return rule

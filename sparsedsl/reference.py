@@ -89,7 +89,7 @@ def _window(schedule: Schedule, step: int) -> tuple[int, int]:
 def allowed_blocks(schedule: Schedule, state: RolloutState, q: torch.Tensor) -> torch.Tensor:
     """Bool [B, H, chunk_blocks, (step+1) * chunk_blocks]: the block mask of this step."""
     lay, step = schedule.layout, state.step
-    nb, c = lay.blocks_per_frame, lay.chunk_frames
+    c = lay.chunk_frames
     n_keys = (step + 1) * lay.chunk_blocks
     q_blocks = _chunk_blocks(q.double(), schedule)
     B, H = q.shape[0], q.shape[1]
@@ -105,7 +105,7 @@ def allowed_blocks(schedule: Schedule, state: RolloutState, q: torch.Tensor) -> 
             for qb in range(lay.chunk_blocks):
                 fq, iq, jq = lay.block_coords(qb)
                 fq += chunk0
-                static, candidates = [], []
+                candidates = []
                 for kb in range(n_keys):
                     fk, ik, jk = lay.block_coords(kb)
                     if fk >= chunk0:  # the current chunk
