@@ -169,6 +169,63 @@ def program_overhead() -> None:
     say("")
 
 
+def tune_small_blocks() -> None:
+    """Launch configurations for 64-token blocks (the presets' 8x8 tiles) at Self-Forcing
+    geometry: the defaults were tuned for 128-token blocks."""
+    from codegen.launch import default_config
+    from codegen.program import PBSAProgram
+    say("## Launch configurations for 64-token blocks (sparse-forcing, 8x8 tiles, bf16, H=12, D=128)")
+    say("")
+    say("| config | fwd ms | fwd TFLOP/s | fwd+bwd ms (q, k, v grads; pool detached) |")
+    say("|---|---|---|---|")
+    layout = sd.VideoLayout(30, 52, (8, 8), 3)
+    schedule = sd.lower(sd.presets.get("sparse-forcing", layout=layout), num_heads=12,
+                        head_dim=128, dtype="bfloat16")
+    program = PBSAProgram(schedule, backend="triton")
+    cache = program.new_cache(batch=1, num_layers=1, device="cuda", dtype=torch.bfloat16)
+    lay = schedule.layout
+    n = lay.chunk_blocks * lay.block_tokens
+    valid = lay.valid_token_mask(lay.chunk_frames).cuda()[None, None, :, None]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    mk = lambda: (torch.randn(1, 12, n, 128, device="cuda", generator=g) * valid).to(torch.bfloat16)
+    for _ in range(8):
+        cache.commit(0, mk(), mk(), mk())
+    tables = cache.tables(0)
+    q, k, v = mk(), mk(), mk()
+    qb, kb, vb = program._blocks(q), program._blocks(k), program._blocks(v)
+    vs, vc = program.visit_tables(qb, tables, tables.step, validate=False)
+    spec = program.kernel_spec(tables.step, "bfloat16")
+    cur_valid = program.cur_valid("cuda")
+    flops = 4 * 64 * 64 * 128 * float(vc.sum().item() + 12 * lay.chunk_blocks ** 2)
+    base = default_config(spec, qb.device)
+    candidates = [("default", base)]
+    for warps in (4, 8):
+        for stages in (2, 3, 4):
+            for variant in ("desc", "ptr"):
+                candidates.append((f"fwd {variant} w{warps} s{stages}",
+                                   base.replace(variant=variant, fwd_warps=warps, fwd_stages=stages)))
+    candidates += [("bwd w4 (dq, dkdv)", base.replace(dq_warps=4, dkdv_warps=4)),
+                   ("fwd ptr w4 s3 + bwd w4", base.replace(variant="ptr", fwd_warps=4, fwd_stages=3,
+                                                          dq_warps=4, dkdv_warps=4))]
+    for name, cfg in candidates:
+        try:
+            fwd = bench(lambda: pbsa_attention(spec, qb, kb, vb, cur_valid, tables.k_pool, tables.v_pool,
+                                               tables.slot_valid, vs, vc, program.scale, validate=False,
+                                               config=cfg))
+            qg, kg, vg = (x.detach().clone().requires_grad_() for x in (qb, kb, vb))
+
+            def fwd_bwd():
+                o, _ = pbsa_attention(spec, qg, kg, vg, cur_valid, tables.k_pool, tables.v_pool,
+                                      tables.slot_valid, vs, vc, program.scale, validate=False,
+                                      config=cfg)
+                o.sum().backward()
+            both = bench(fwd_bwd)
+            say(f"| {name} | {fwd:.3f} | {flops / fwd / 1e9:.0f} | {both:.3f} |")
+        except Exception as exc:  # a configuration that does not compile is reported, not fatal
+            say(f"| {name} | failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]} | | |")
+    say("")
+
+
 def main() -> int:
     props = torch.cuda.get_device_properties(0)
     say(f"# Program checks and selection cost on {props.name}")
@@ -176,11 +233,14 @@ def main() -> int:
     say(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
         f"triton {triton.__version__}; command: `PYTHONPATH=. python3 bench/gpu_program.py`")
     say("")
-    if "--no-check" not in sys.argv and "--overhead-only" not in sys.argv:
+    if not {"--no-check", "--overhead-only", "--tune64"} & set(sys.argv):
         correctness()
-    if "--overhead-only" not in sys.argv:
-        selection_cost()
-    program_overhead()
+    if "--tune64" in sys.argv:
+        tune_small_blocks()
+    else:
+        if "--overhead-only" not in sys.argv:
+            selection_cost()
+        program_overhead()
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "program.md"), "w") as handle:
