@@ -251,8 +251,8 @@ def block_representatives(x: torch.Tensor, valid: torch.Tensor,
 # ==================================================================================
 # 2. dynamic Top-K over the window
 # ==================================================================================
-def _check_select(fn, q_rep, k_rep_pool, window_slots, window_count, static_pos,
-                  static_count, mode, k, visit_slots, visit_count):
+def _check_reps(fn, q_rep, k_rep_pool):
+    """Shared checks of the query and key representatives; returns their sizes."""
     _need_tensor(fn, "q_rep", q_rep, 4, _F32)
     dev = q_rep.device
     B, H, NQB, D = q_rep.shape
@@ -265,6 +265,12 @@ def _check_select(fn, q_rep, k_rep_pool, window_slots, window_count, static_pos,
     if HKV == 0 or H % HKV:
         raise ValueError(f"{fn}: H = {H} query heads is not a multiple of HKV = {HKV} "
                          "kv heads (k_rep_pool.shape[1])")
+    return dev, B, H, NQB, D, HKV, NSLOTS
+
+
+def _check_select(fn, q_rep, k_rep_pool, window_slots, window_count, static_pos,
+                  static_count, mode, k, visit_slots, visit_count):
+    dev, B, H, NQB, D, HKV, NSLOTS = _check_reps(fn, q_rep, k_rep_pool)
     _need_tensor(fn, "window_slots", window_slots, 3, _I32, dev)
     if _shape(window_slots)[:2] != (B, HKV):
         raise ValueError(f"{fn}: window_slots.shape = {_shape(window_slots)}, expected "
@@ -486,18 +492,7 @@ def select_topk(q_rep, k_rep_pool, window_slots, window_count, static_pos, stati
 # ==================================================================================
 def _check_importance(fn, q_rep, k_rep_pool, domain_slots, domain_count, scale,
                       check_values):
-    _need_tensor(fn, "q_rep", q_rep, 4, _F32)
-    dev = q_rep.device
-    B, H, NQB, D = q_rep.shape
-    _need_tensor(fn, "k_rep_pool", k_rep_pool, 4, _F32, dev)
-    Bk, HKV, NSLOTS, Dk = k_rep_pool.shape
-    if Bk != B or Dk != D:
-        raise ValueError(f"{fn}: k_rep_pool.shape = {_shape(k_rep_pool)} [B, HKV, NSLOTS, D] "
-                         f"does not match q_rep.shape = {_shape(q_rep)} [B, H, NQB, D] "
-                         "in B or D")
-    if HKV == 0 or H % HKV:
-        raise ValueError(f"{fn}: H = {H} query heads is not a multiple of HKV = {HKV} "
-                         "kv heads (k_rep_pool.shape[1])")
+    dev, B, H, NQB, D, HKV, NSLOTS = _check_reps(fn, q_rep, k_rep_pool)
     _need_tensor(fn, "domain_slots", domain_slots, 3, _I32, dev)
     if _shape(domain_slots)[:2] != (B, HKV):
         raise ValueError(f"{fn}: domain_slots.shape = {_shape(domain_slots)}, expected "
