@@ -39,6 +39,8 @@ ap.add_argument("--denoise", type=int, default=4, help="denoising passes per chu
 ap.add_argument("--horizons", default="21,84,240", help="latent frames")
 ap.add_argument("--timed-steps", type=int, default=10)
 ap.add_argument("--tiny", action="store_true", help="CPU smoke test at a toy size")
+ap.add_argument("--profile-commit", action="store_true",
+                help="only profile the host side of cache.commit (cProfile, top functions)")
 ARGS = ap.parse_args()
 
 import torch  # noqa: E402
@@ -231,9 +233,45 @@ def gib(x):
     return "n/a" if x is None else f"{x / 2**30:.3f} GiB"
 
 
+def profile_commit(program, steps=5):
+    """Where the host time of a steady-state commit goes (cProfile; prints the top functions)."""
+    import cProfile
+    import io
+    import pstats
+    s = program.schedule
+    q, k, v = chunk(program)
+    cache = program.new_cache(1, ARGS.layers, DEV, DT)
+    for _ in range(rc.steady_frames(s) // s.chunk_frames + 1):
+        commit_step(cache, q, k, v)
+    sync()
+    if CUDA:  # a compile at steady state is a bug (a constexpr or specialisation that varies)
+        import triton
+
+        def on_compile(**kw):
+            log(f"COMPILE at step {cache.step}: {kw['fn'].name} {kw.get('repr', '')[:300]}")
+        triton.knobs.runtime.jit_post_compile_hook = on_compile
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(steps):
+        commit_step(cache, q, k, v)
+    sync()
+    prof.disable()
+    log(f"commit wall clock: {(time.perf_counter() - t0) / steps * 1e3:.2f} ms per chunk "
+        f"({ARGS.layers} layers, under cProfile)")
+    buf = io.StringIO()
+    st = pstats.Stats(prof, stream=buf).sort_stats("tottime")
+    st.print_stats(35)
+    st.sort_stats("cumulative").print_stats(45)
+    log(buf.getvalue())
+
+
 def main():
     t_start = time.time()
     program, dense_frames = setup()
+    if ARGS.profile_commit:
+        profile_commit(program)
+        return
     s = program.schedule
     import triton
     device = torch.cuda.get_device_name() if CUDA else f"CPU ({platform.processor() or platform.machine()}), --tiny smoke run"
