@@ -199,14 +199,21 @@ def tune_small_blocks() -> None:
     flops = 4 * 64 * 64 * 128 * float(vc.sum().item() + 12 * lay.chunk_blocks ** 2)
     base = default_config(spec, qb.device)
     candidates = [("default", base)]
-    for warps in (4, 8):
-        for stages in (2, 3, 4):
-            for variant in ("desc", "ptr"):
-                candidates.append((f"fwd {variant} w{warps} s{stages}",
-                                   base.replace(variant=variant, fwd_warps=warps, fwd_stages=stages)))
-    candidates += [("bwd w4 (dq, dkdv)", base.replace(dq_warps=4, dkdv_warps=4)),
-                   ("fwd ptr w4 s3 + bwd w4", base.replace(variant="ptr", fwd_warps=4, fwd_stages=3,
-                                                          dq_warps=4, dkdv_warps=4))]
+    if "--fwd" in sys.argv:  # the forward sweep that chose the defaults (4 warps, plain loads)
+        for warps in (4, 8):
+            for stages in (2, 3, 4):
+                for variant in ("desc", "ptr"):
+                    candidates.append((f"fwd {variant} w{warps} s{stages}",
+                                       base.replace(variant=variant, fwd_warps=warps, fwd_stages=stages)))
+    ordered = base.replace(bwd_dq="ordered")
+    atomic = base.replace(bwd_dq="atomic", dkdv_block_m=64, dkdv_block_n=64, dkdv_warps=4, dkdv_stages=2)
+    candidates += [("bwd ordered dQ (fused dQ + dK/dV programs)", ordered),
+                   ("bwd atomic dQ, ptr 64x64 w4 s2", atomic),
+                   ("bwd atomic dQ, ptr 64x64 w4 s3", atomic.replace(dkdv_stages=3)),
+                   ("bwd atomic dQ, ptr 64x64 w8 s2", atomic.replace(dkdv_warps=8)),
+                   ("bwd atomic dQ, ptr 32x64 w4 s2", atomic.replace(dkdv_block_m=32)),
+                   ("bwd atomic dQ, desc 64x64 w4 s2, TMA adds",
+                    atomic.replace(bwd_variant="desc", dq_atomic_tma=True))]
     for name, cfg in candidates:
         try:
             fwd = bench(lambda: pbsa_attention(spec, qb, kb, vb, cur_valid, tables.k_pool, tables.v_pool,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 DTYPES = ("float16", "bfloat16", "float32")
 CURRENT_MODES = ("dense", "causal")
 VARIANTS = ("ptr", "desc")
+BWD_DQ_MODES = ("ordered", "atomic")
 
 
 def _is_pow2(x: int) -> bool:
@@ -153,10 +154,19 @@ class KernelConfig:
     dq_overlap: bool = True
     dkdv_overlap: bool = True
     bwd_variant: str = ""  # load variant of the backward kernels; "" = same as `variant`
+    # "ordered": dQ in its own programs, summed in visit order (bitwise reproducible, 7 block
+    # matmuls per pair); "atomic": dQ added with fp32 atomics from the dK/dV programs (5 block
+    # matmuls per pair; the summation order varies). The launcher uses "ordered" whenever
+    # torch.use_deterministic_algorithms(True) is on. The atomic kernel takes the dkdv_* tiles.
+    bwd_dq: str = "ordered"
+    # atomic dQ adds as TMA bulk reductions instead of per-element atomics (with "desc" loads only)
+    dq_atomic_tma: bool = False
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"KernelConfig.variant = {self.variant!r} must be one of {VARIANTS}")
+        if self.bwd_dq not in BWD_DQ_MODES:
+            raise ValueError(f"KernelConfig.bwd_dq = {self.bwd_dq!r} must be one of {BWD_DQ_MODES}")
         if self.bwd_variant not in ("",) + VARIANTS:
             raise ValueError(f"KernelConfig.bwd_variant = {self.bwd_variant!r} must be '' or one of {VARIANTS}")
         for f in dataclasses.fields(self):

@@ -225,56 +225,115 @@ def attention_backward(
     """Run the backward kernels; returns (dq, dk_cur, dv_cur, dk_pool, dv_pool) (None where not needed)."""
     cfg = (config or default_config(spec, q.device)).fitted(spec)
     need_pool = need_pool and k_pool.shape[2] > 0
+    bw = BwdInputs.make(spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_valid, visit_slots,
+                         visit_count, do, cfg)
+    if need_kv_cur and use_atomic_dq(cfg):
+        return launch_bwd_atomic(bw, o, lse, dlse, scale, need_pool, cfg)
     if cfg.bwd_fused and (need_kv_cur or need_pool):
-        return launch_bwd_fused(spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_valid, visit_slots,
-                                visit_count, o, lse, do, dlse, scale, need_pool, cfg)
-    dq, delta = launch_dq(spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_valid,
-                          visit_slots, visit_count, o, lse, do, dlse, scale, cfg)
+        return launch_bwd_fused(bw, o, lse, dlse, scale, need_pool, cfg)
+    dq, delta = launch_dq(bw, o, lse, dlse, scale, cfg)
     dk_cur = dv_cur = dk_pool = dv_pool = None
     if need_kv_cur or need_pool:
-        dk_cur, dv_cur, dk_pool, dv_pool = launch_dkdv(
-            spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_valid, visit_slots, visit_count,
-            lse, do, delta, scale, need_pool, cfg)
+        dk_cur, dv_cur, dk_pool, dv_pool = launch_dkdv(bw, lse, delta, scale, need_pool, cfg)
     return dq, dk_cur, dv_cur, dk_pool, dv_pool
 
 
-def launch_bwd_fused(spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_valid, visit_slots, visit_count,
-                     o, lse, do, dlse, scale, need_pool: bool, cfg: KernelConfig):
-    """DELTA pre-pass, then dQ and dK/dV programs in one launch; returns (dq, dk_cur, dv_cur, dk_pool, dv_pool)."""
-    B = q.shape[0]
-    H, NQB, BT, D = spec.num_heads, spec.num_query_blocks, spec.block_tokens, spec.head_dim
-    nslots_real = k_pool.shape[2]
-    need_pool = need_pool and nslots_real > 0
-    kp, vp, sv, nslots = _pool_or_dummy(spec, B, k_pool, v_pool, slot_valid)
-    vs = _visits_or_dummy(spec, visit_slots)
-    do = do.contiguous()
-    variant = _variant_for(
-        _bwd(cfg), spec, q, B * H * NQB * BT, B * spec.num_kv_heads * nslots * BT, (q, k_cur, v_cur, kp, vp, do),
-    )
-    mod = load_attention_kernels(spec, variant)
-    delta = _out(B, H, NQB, BT, dtype=torch.float32, device=q.device)
-    has_dlse = dlse is not None
-    pbm = min(BT, 64)
-    mod.pbsa_bwd_preprocess_kernel[(B * H * NQB * BT // pbm,)](
-        o, do, dlse.contiguous().float() if has_dlse else lse, cur_valid, delta,
-        BLOCK_M=pbm, HAS_DLSE=has_dlse, num_warps=4,
-    )
-    ts = build_transposed_schedule(spec, visit_slots, visit_count, nslots_real, include_pool=need_pool)
-    dq = _out_like(q)
-    dk_cur = _out_like(k_cur)
-    dv_cur = _out_like(v_cur)
-    dk_pool = dv_pool = None
-    if need_pool:
-        dk_pool = _out_like(k_pool)
-        dv_pool = _out_like(v_pool)
-    n_dq = B * H * NQB * (BT // cfg.dq_block_m)
-    n_kv = ts.num_items * (BT // cfg.dkdv_block_n)
-    _run(mod.pbsa_bwd_fused_kernel, (n_dq + n_kv,),
-        q, k_cur, v_cur, cur_valid, kp, vp, sv, vs, visit_count,
-        o, do, lse, dq, delta, dk_cur, dv_cur,
+def use_atomic_dq(cfg: KernelConfig) -> bool:
+    """Atomic dQ unless the config asks for the ordered sum or PyTorch is in deterministic mode."""
+    return cfg.bwd_dq == "atomic" and not torch.are_deterministic_algorithms_enabled()
+
+
+class BwdInputs:
+    """What every backward launcher needs: the inputs with the empty pool / empty visit table
+    replaced by dummies, dO made contiguous, and the generated module of the right variant."""
+
+    @classmethod
+    def make(cls, spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_valid, visit_slots,
+             visit_count, do, cfg):
+        self = cls()
+        self.spec, self.q, self.k_cur, self.v_cur, self.cur_valid = spec, q, k_cur, v_cur, cur_valid
+        self.k_pool, self.v_pool = k_pool, v_pool  # the real ones (dK/dV shapes)
+        self.nslots_real = k_pool.shape[2]
+        self.visit_slots, self.visit_count = visit_slots, visit_count
+        self.B = q.shape[0]
+        self.kp, self.vp, self.sv, self.nslots = _pool_or_dummy(spec, self.B, k_pool, v_pool, slot_valid)
+        self.vs = _visits_or_dummy(spec, visit_slots)
+        self.do = do.contiguous()
+        H, NQB, BT = spec.num_heads, spec.num_query_blocks, spec.block_tokens
+        self.rows = self.B * H * NQB * BT
+        variant = _variant_for(
+            _bwd(cfg), spec, q, self.rows, self.B * spec.num_kv_heads * self.nslots * BT,
+            (q, k_cur, v_cur, self.kp, self.vp, self.do),
+        )
+        self.variant = variant
+        self.mod = load_attention_kernels(spec, variant)
+        return self
+
+    def preprocess(self, o, lse, dlse, dq_acc=None):
+        """DELTA = rowsum(O * dO) - dLSE (and dq_acc cleared, when given)."""
+        delta = _out(self.B, self.spec.num_heads, self.spec.num_query_blocks, self.spec.block_tokens,
+                     dtype=torch.float32, device=self.q.device)
+        has_dlse = dlse is not None
+        pbm = min(self.spec.block_tokens, 64)
+        self.mod.pbsa_bwd_preprocess_kernel[(self.rows // pbm,)](
+            o, self.do, dlse.contiguous().float() if has_dlse else lse, self.cur_valid, delta,
+            dq_acc if dq_acc is not None else delta,
+            BLOCK_M=pbm, HAS_DLSE=has_dlse, ZERO_DQ=dq_acc is not None, num_warps=4,
+        )
+        return delta
+
+    def kv_grads(self, need_pool: bool):
+        """Output buffers (dk_cur, dv_cur, dk_pool, dv_pool); pool ones None unless needed."""
+        dk_pool = dv_pool = None
+        if need_pool:
+            dk_pool, dv_pool = _out_like(self.k_pool), _out_like(self.v_pool)
+        return _out_like(self.k_cur), _out_like(self.v_cur), dk_pool, dv_pool
+
+
+def launch_bwd_atomic(bw: BwdInputs, o, lse, dlse, scale, need_pool: bool, cfg: KernelConfig):
+    """DELTA pre-pass (+ clear the fp32 dQ accumulator), one pass over the transposed schedule
+    that writes dK/dV and adds dQ atomically, then dQ converted to the input dtype."""
+    spec = bw.spec
+    dq_acc = torch.empty(bw.rows, spec.head_dim, dtype=torch.float32, device=bw.q.device)
+    delta = bw.preprocess(o, lse, dlse, dq_acc)
+    # every visited key block takes part: pool slots add their share of dQ even without dK/dV
+    ts = build_transposed_schedule(spec, bw.visit_slots, bw.visit_count, bw.nslots_real, include_pool=True)
+    dk_cur, dv_cur, dk_pool, dv_pool = bw.kv_grads(need_pool)
+    # TMA adds need the descriptor variant and a GPU (the interpreter has no bulk reductions)
+    tma = bool(cfg.dq_atomic_tma and bw.variant == "desc" and bw.q.is_cuda and not interpreter_active())
+    bm, bn = cfg.dkdv_block_m, cfg.dkdv_block_n
+    bw.mod.pbsa_bwd_atomic_kernel[(ts.num_items * (spec.block_tokens // bn),)](
+        bw.q, bw.k_cur, bw.v_cur, bw.cur_valid, bw.kp, bw.vp, bw.sv,
+        bw.do, lse, delta, dq_acc, dk_cur, dv_cur,
         dk_pool if need_pool else dk_cur, dv_pool if need_pool else dv_cur,
         ts.item_order, ts.row_ptr, ts.visitors,
-        B, nslots, ts.num_items_per_head, n_dq, scale,
+        bw.B, bw.nslots, ts.num_items_per_head, scale,
+        BLOCK_M=bm, BLOCK_N=bn, NEED_POOL=need_pool, DQ_TMA=tma,
+        num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages,
+    )
+    dq = _out_like(bw.q)
+    cbm = min(spec.block_tokens, 64)
+    bw.mod.pbsa_bwd_dq_convert_kernel[(bw.rows // cbm,)](dq_acc, dq, scale, BLOCK_M=cbm, num_warps=4)
+    return dq, dk_cur, dv_cur, dk_pool, dv_pool
+
+
+def launch_bwd_fused(bw: BwdInputs, o, lse, dlse, scale, need_pool: bool, cfg: KernelConfig):
+    """DELTA pre-pass, then dQ and dK/dV programs in one launch; returns (dq, dk_cur, dv_cur, dk_pool, dv_pool)."""
+    spec = bw.spec
+    need_pool = need_pool and bw.nslots_real > 0
+    delta = bw.preprocess(o, lse, dlse)
+    ts = build_transposed_schedule(spec, bw.visit_slots, bw.visit_count, bw.nslots_real, include_pool=need_pool)
+    dq = _out_like(bw.q)
+    dk_cur, dv_cur, dk_pool, dv_pool = bw.kv_grads(need_pool)
+    BT = spec.block_tokens
+    n_dq = bw.rows // cfg.dq_block_m
+    n_kv = ts.num_items * (BT // cfg.dkdv_block_n)
+    _run(bw.mod.pbsa_bwd_fused_kernel, (n_dq + n_kv,),
+        bw.q, bw.k_cur, bw.v_cur, bw.cur_valid, bw.kp, bw.vp, bw.sv, bw.vs, bw.visit_count,
+        o, bw.do, lse, dq, delta, dk_cur, dv_cur,
+        dk_pool if need_pool else dk_cur, dv_pool if need_pool else dv_cur,
+        ts.item_order, ts.row_ptr, ts.visitors,
+        bw.B, bw.nslots, ts.num_items_per_head, n_dq, scale,
         DQ_BLOCK_M=cfg.dq_block_m, DQ_BLOCK_N=cfg.dq_block_n,
         KV_BLOCK_M=cfg.dkdv_block_m, KV_BLOCK_N=cfg.dkdv_block_n,
         DQ_OVERLAP=bool(cfg.dq_overlap), KV_OVERLAP=bool(cfg.dkdv_overlap),
@@ -283,62 +342,40 @@ def launch_bwd_fused(spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_vali
     return dq, dk_cur, dv_cur, dk_pool, dv_pool
 
 
-def launch_dq(spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_valid, visit_slots, visit_count,
-              o, lse, do, dlse, scale, cfg: KernelConfig):
+def launch_dq(bw: BwdInputs, o, lse, dlse, scale, cfg: KernelConfig):
     """dQ kernel (also writes DELTA = rowsum(O*dO) - dLSE); returns (dq, delta)."""
-    B = q.shape[0]
-    H, NQB, BT = spec.num_heads, spec.num_query_blocks, spec.block_tokens
-    kp, vp, sv, nslots = _pool_or_dummy(spec, B, k_pool, v_pool, slot_valid)
-    vs = _visits_or_dummy(spec, visit_slots)
-    do = do.contiguous()
-    variant = _variant_for(
-        _bwd(cfg), spec, q, B * H * NQB * BT, B * spec.num_kv_heads * nslots * BT, (q, k_cur, v_cur, kp, vp, do),
-    )
-    mod = load_attention_kernels(spec, variant)
-    dq = _out_like(q)
-    delta = _out(B, H, NQB, BT, dtype=torch.float32, device=q.device)
+    spec = bw.spec
+    dq = _out_like(bw.q)
+    delta = _out(bw.B, spec.num_heads, spec.num_query_blocks, spec.block_tokens, dtype=torch.float32,
+                 device=bw.q.device)
     has_dlse = dlse is not None
     dlse_t = dlse.contiguous().float() if has_dlse else lse
     bm, bn = cfg.dq_block_m, cfg.dq_block_n
-    _run(mod.pbsa_bwd_dq_kernel, (B * H * NQB * (BT // bm),),
-        q, k_cur, v_cur, cur_valid, kp, vp, sv, vs, visit_count,
-        o, do, lse, dlse_t, dq, delta,
-        B, nslots, scale,
-        BLOCK_M=bm, BLOCK_N=bn, HAS_DLSE=has_dlse, WARP_SPEC=bool(cfg.bwd_warp_specialize and q.is_cuda),
+    _run(bw.mod.pbsa_bwd_dq_kernel, (bw.rows // bm,),
+        bw.q, bw.k_cur, bw.v_cur, bw.cur_valid, bw.kp, bw.vp, bw.sv, bw.vs, bw.visit_count,
+        o, bw.do, lse, dlse_t, dq, delta,
+        bw.B, bw.nslots, scale,
+        BLOCK_M=bm, BLOCK_N=bn, HAS_DLSE=has_dlse, WARP_SPEC=bool(cfg.bwd_warp_specialize and bw.q.is_cuda),
         OVERLAP=bool(cfg.dq_overlap),
         num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
     )
     return dq, delta
 
 
-def launch_dkdv(spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_valid, visit_slots, visit_count,
-                lse, do, delta, scale, need_pool: bool, cfg: KernelConfig):
+def launch_dkdv(bw: BwdInputs, lse, delta, scale, need_pool: bool, cfg: KernelConfig):
     """Transposed schedule + dK/dV kernel; returns (dk_cur, dv_cur, dk_pool, dv_pool)."""
-    B = q.shape[0]
-    H, NQB, BT = spec.num_heads, spec.num_query_blocks, spec.block_tokens
-    nslots_real = k_pool.shape[2]
-    need_pool = need_pool and nslots_real > 0
-    kp, vp, sv, nslots = _pool_or_dummy(spec, B, k_pool, v_pool, slot_valid)
-    do = do.contiguous()
-    variant = _variant_for(
-        _bwd(cfg), spec, q, B * H * NQB * BT, B * spec.num_kv_heads * nslots * BT, (q, k_cur, v_cur, kp, vp, do),
-    )
-    mod = load_attention_kernels(spec, variant)
-    ts = build_transposed_schedule(spec, visit_slots, visit_count, nslots_real, include_pool=need_pool)
-    dk_cur = _out_like(k_cur)
-    dv_cur = _out_like(v_cur)
-    dk_pool = dv_pool = None
-    if need_pool:
-        dk_pool = _out_like(k_pool)
-        dv_pool = _out_like(v_pool)
+    spec = bw.spec
+    need_pool = need_pool and bw.nslots_real > 0
+    ts = build_transposed_schedule(spec, bw.visit_slots, bw.visit_count, bw.nslots_real, include_pool=need_pool)
+    dk_cur, dv_cur, dk_pool, dv_pool = bw.kv_grads(need_pool)
     bm, bn = cfg.dkdv_block_m, cfg.dkdv_block_n
-    _run(mod.pbsa_bwd_dkdv_kernel, (ts.num_items * (BT // bn),),
-        q, k_cur, v_cur, cur_valid, kp, vp, sv,
-        do, lse, delta, dk_cur, dv_cur,
+    _run(bw.mod.pbsa_bwd_dkdv_kernel, (ts.num_items * (spec.block_tokens // bn),),
+        bw.q, bw.k_cur, bw.v_cur, bw.cur_valid, bw.kp, bw.vp, bw.sv,
+        bw.do, lse, delta, dk_cur, dv_cur,
         dk_pool if need_pool else dk_cur, dv_pool if need_pool else dv_cur,
         ts.item_order, ts.row_ptr, ts.visitors,
-        B, nslots, ts.num_items_per_head, scale,
-        BLOCK_M=bm, BLOCK_N=bn, WARP_SPEC=bool(cfg.bwd_warp_specialize and q.is_cuda),
+        bw.B, bw.nslots, ts.num_items_per_head, scale,
+        BLOCK_M=bm, BLOCK_N=bn, WARP_SPEC=bool(cfg.bwd_warp_specialize and bw.q.is_cuda),
         OVERLAP=bool(cfg.dkdv_overlap),
         num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages,
     )

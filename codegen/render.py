@@ -21,7 +21,7 @@ import re
 
 from .kernel_spec import AttentionKernelSpec
 
-GENERATOR_VERSION = "pbsa-attn-2"
+GENERATOR_VERSION = "pbsa-attn-3"
 
 _TAG_RE = re.compile(r"\s*#\?\s*([!A-Z0-9_, ]+)$")
 
@@ -446,8 +446,10 @@ def pbsa_fwd_combine_kernel(O_PART, LSE_PART, CUR_VALID, O, LSE, B, BLOCK_M: tl.
 _DQ = '''
 
 @triton.jit
-def pbsa_bwd_preprocess_kernel(O, DO, DLSE, CUR_VALID, DELTA, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr):
-    """DELTA = rowsum(O * dO) - dLSE for BLOCK_M query rows (0 on padded rows)."""
+def pbsa_bwd_preprocess_kernel(O, DO, DLSE, CUR_VALID, DELTA, DQ_ACC, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
+                               ZERO_DQ: tl.constexpr):
+    """DELTA = rowsum(O * dO) - dLSE for BLOCK_M query rows (0 on padded rows); with
+    ZERO_DQ also clears those rows of the fp32 dQ accumulator (the atomic backward)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs = rows.to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :]
     delta = tl.sum(tl.load(O + offs).to(tl.float32) * tl.load(DO + offs).to(tl.float32), 1)
@@ -456,6 +458,16 @@ def pbsa_bwd_preprocess_kernel(O, DO, DLSE, CUR_VALID, DELTA, BLOCK_M: tl.conste
     row_ok = rows % BT < tl.load(CUR_VALID + (rows // BT) % NQB)  #? PAD
     delta = tl.where(row_ok, delta, 0.0)  #? PAD
     tl.store(DELTA + rows, delta)
+    if ZERO_DQ:
+        tl.store(DQ_ACC + offs, tl.zeros([BLOCK_M, D], tl.float32))
+
+
+@triton.jit
+def pbsa_bwd_dq_convert_kernel(DQ_ACC, DQ, sm_scale, BLOCK_M: tl.constexpr):
+    """dQ = sm_scale * DQ_ACC in the input dtype, for BLOCK_M query rows."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs = rows.to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :]
+    tl.store(DQ + offs, (tl.load(DQ_ACC + offs) * sm_scale).to(DQ.dtype.element_ty))
 
 
 @triton.jit
@@ -732,6 +744,129 @@ def pbsa_bwd_fused_kernel(
         _dkdv_program(pid - N_DQ_PROGRAMS, Q, K_CUR, V_CUR, CUR_VALID, K_POOL, V_POOL, SLOT_VALID,
                       DO, LSE, DELTA, DK_CUR, DV_CUR, DK_POOL, DV_POOL, ITEM_ORDER, ROW_PTR, VISITORS,
                       B, NSLOTS, NJ, sm_scale, KV_BLOCK_M, KV_BLOCK_N, False, KV_OVERLAP)
+
+
+@triton.jit
+def _bwd_atomic_item(Q, DO, LSE, DELTA, DQ_ACC, CUR_VALID, VISITORS, KX, VX, q_desc, do_desc, dq_desc, k_desc, v_desc,
+                     kv_row, n_valid, ksub, b, e_lo, e_hi, rot, sm_scale,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_DKDV: tl.constexpr, DQ_TMA: tl.constexpr):
+    """One [BLOCK_N, D] key tile at kv_row against its visitors VISITORS[e_lo:e_hi]: returns
+    dK, dV (scaled, padded key rows zeroed; zeros unless WITH_DKDV) and adds each visitor's
+    share of dQ (dS K, unscaled) to the fp32 accumulator DQ_ACC with atomics. The visitors
+    are walked starting at `rot`, so that programs of different key tiles do not all add
+    into the same query rows at the same time."""
+    QSUB: tl.constexpr = @BT@ // BLOCK_M
+    offs_d = tl.arange(0, D)
+    offs_mt = tl.arange(0, BLOCK_M)
+    k = k_desc.load([kv_row, 0])  #? DESC
+    v = v_desc.load([kv_row, 0])  #? DESC
+    kv_offs = (kv_row.to(tl.int64) + tl.arange(0, BLOCK_N))[:, None] * D + offs_d[None, :]  #? PTR
+    k = tl.load(KX + kv_offs)  #? PTR
+    v = tl.load(VX + kv_offs)  #? PTR
+    # padded key rows are zeroed: their dS rows multiply K in the dQ matmul
+    kv_ok = ksub * BLOCK_N + tl.arange(0, BLOCK_N) < n_valid  #? PAD
+    k = tl.where(kv_ok[:, None], k, tl.zeros_like(k))  #? PAD
+    v = tl.where(kv_ok[:, None], v, tl.zeros_like(v))  #? PAD
+    qk_scale = sm_scale * LOG2E
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    n_it = (e_hi - e_lo) * QSUB
+    for i in tl.range(0, n_it):
+        it = e_lo * QSUB + (i + rot) % n_it
+        vis = tl.load(VISITORS + it // QSUB)  # h * NQB + qb
+        qsub = it % QSUB
+        q_row = (b * (H * NQB) + vis) * BT + qsub * BLOCK_M
+        rows = q_row + offs_mt
+        q = q_desc.load([q_row, 0])  #? DESC
+        do = do_desc.load([q_row, 0])  #? DESC
+        q = tl.load(Q + rows.to(tl.int64)[:, None] * D + offs_d[None, :])  #? PTR
+        do = tl.load(DO + rows.to(tl.int64)[:, None] * D + offs_d[None, :])  #? PTR
+        lse2 = tl.load(LSE + rows) * LOG2E
+        delta = tl.load(DELTA + rows)
+        row_ok = qsub * BLOCK_M + offs_mt < tl.load(CUR_VALID + vis % NQB)  #? PAD
+        q = tl.where(row_ok[:, None], q, tl.zeros_like(q))  #? PAD
+        do = tl.where(row_ok[:, None], do, tl.zeros_like(do))  #? PAD
+        lse2 = tl.where(row_ok, lse2, float("inf"))  #? PAD
+        qkT = tl.dot(k, tl.trans(q)@PREC@)
+        dpT = tl.dot(v, tl.trans(do)@PREC@)
+        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+        dsT = pT * (dpT - delta[None, :])
+        if WITH_DKDV:
+            dv = tl.dot(pT.to(do.dtype), do, dv@PREC@)
+            dk = tl.dot(dsT.to(q.dtype), q, dk@PREC@)
+        dq = tl.dot(tl.trans(dsT.to(k.dtype)), k@PREC@)
+        if DQ_TMA:
+            dq_desc.atomic_add([q_row, 0], dq)
+        else:
+            tl.atomic_add(DQ_ACC + rows.to(tl.int64)[:, None] * D + offs_d[None, :], dq, sem="relaxed")
+    dk = dk * sm_scale
+    dk = tl.where(kv_ok[:, None], dk, 0.0)  #? PAD
+    dv = tl.where(kv_ok[:, None], dv, 0.0)  #? PAD
+    return dk, dv
+
+
+@triton.jit
+def pbsa_bwd_atomic_kernel(
+    Q, K_CUR, V_CUR, CUR_VALID, K_POOL, V_POOL, SLOT_VALID,
+    DO, LSE, DELTA, DQ_ACC, DK_CUR, DV_CUR, DK_POOL, DV_POOL,
+    ITEM_ORDER, ROW_PTR, VISITORS,
+    B, NSLOTS, NJ, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NEED_POOL: tl.constexpr, DQ_TMA: tl.constexpr,
+):
+    """Backward in one pass over the transposed schedule (after pbsa_bwd_preprocess_kernel
+    wrote DELTA and cleared DQ_ACC), FlashAttention-2 style: a program owns one key tile,
+    accumulates its dK/dV over the visiting query tiles and adds dQ = dS K into DQ_ACC
+    with fp32 atomics: 5 block matmuls per (query tile, key tile) pair instead of the
+    ordered path's 7. The order of dQ's additions varies between runs (equal within
+    rounding, not bitwise). Pool slots whose gradient is not needed (NEED_POOL False)
+    still add their dQ share (3 matmuls) and write no dK/dV."""
+    KSUB: tl.constexpr = @BT@ // BLOCK_N
+    pid = tl.program_id(0)
+    ksub = pid % KSUB
+    item = tl.load(ITEM_ORDER + pid // KSUB)
+    j = item % NJ
+    bhkv = item // NJ
+    b = bhkv // HKV
+    offs_d = tl.arange(0, D)
+    q_desc = tl.make_tensor_descriptor(Q, shape=[B * H * NQB * BT, D], strides=[D, 1], block_shape=[BLOCK_M, D])  #? DESC
+    do_desc = tl.make_tensor_descriptor(DO, shape=[B * H * NQB * BT, D], strides=[D, 1], block_shape=[BLOCK_M, D])  #? DESC
+    kc_desc = tl.make_tensor_descriptor(K_CUR, shape=[B * HKV * NQB * BT, D], strides=[D, 1], block_shape=[BLOCK_N, D])  #? DESC
+    vc_desc = tl.make_tensor_descriptor(V_CUR, shape=[B * HKV * NQB * BT, D], strides=[D, 1], block_shape=[BLOCK_N, D])  #? DESC
+    kp_desc = tl.make_tensor_descriptor(K_POOL, shape=[B * HKV * NSLOTS * BT, D], strides=[D, 1], block_shape=[BLOCK_N, D])  #? DESC
+    vp_desc = tl.make_tensor_descriptor(V_POOL, shape=[B * HKV * NSLOTS * BT, D], strides=[D, 1], block_shape=[BLOCK_N, D])  #? DESC
+    q_desc = None  #? PTR
+    do_desc = None  #? PTR
+    kc_desc = None  #? PTR
+    vc_desc = None  #? PTR
+    kp_desc = None  #? PTR
+    vp_desc = None  #? PTR
+    dq_desc = tl.make_tensor_descriptor(DQ_ACC, shape=[B * H * NQB * BT, D], strides=[D, 1], block_shape=[BLOCK_M, D])  #? DESC
+    dq_desc = None  # per-element atomics only  #? PTR
+    e_lo = tl.load(ROW_PTR + item)
+    e_hi = tl.load(ROW_PTR + item + 1)
+    rot = (j * 7 + ksub) % tl.maximum((e_hi - e_lo) * (@BT@ // BLOCK_M), 1)
+    if j < NQB:  # a block of the current chunk
+        kv_row = (bhkv * NQB + j) * BT + ksub * BLOCK_N
+        n_valid = BT  #? !PAD
+        n_valid = tl.load(CUR_VALID + j)  #? PAD
+        dk, dv = _bwd_atomic_item(Q, DO, LSE, DELTA, DQ_ACC, CUR_VALID, VISITORS, K_CUR, V_CUR, q_desc, do_desc, dq_desc,
+                                  kc_desc, vc_desc, kv_row, n_valid, ksub, b, e_lo, e_hi, rot, sm_scale,
+                                  BLOCK_M, BLOCK_N, True, DQ_TMA)
+        kv_offs = (kv_row + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None] * D + offs_d[None, :]
+        tl.store(DK_CUR + kv_offs, dk.to(DK_CUR.dtype.element_ty))
+        tl.store(DV_CUR + kv_offs, dv.to(DV_CUR.dtype.element_ty))
+    else:  # a pool slot
+        slot = j - NQB
+        kv_row = (bhkv * NSLOTS + slot) * BT + ksub * BLOCK_N
+        n_valid = BT  #? !PAD
+        n_valid = tl.load(SLOT_VALID + bhkv * NSLOTS + slot)  #? PAD
+        dk, dv = _bwd_atomic_item(Q, DO, LSE, DELTA, DQ_ACC, CUR_VALID, VISITORS, K_POOL, V_POOL, q_desc, do_desc, dq_desc,
+                                  kp_desc, vp_desc, kv_row, n_valid, ksub, b, e_lo, e_hi, rot, sm_scale,
+                                  BLOCK_M, BLOCK_N, NEED_POOL, DQ_TMA)
+        if NEED_POOL:
+            kv_offs = (kv_row.to(tl.int64) + tl.arange(0, BLOCK_N))[:, None] * D + offs_d[None, :]
+            tl.store(DK_POOL + kv_offs, dk.to(DK_POOL.dtype.element_ty))
+            tl.store(DV_POOL + kv_offs, dv.to(DV_POOL.dtype.element_ty))
 '''
 
 

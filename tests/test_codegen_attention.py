@@ -239,6 +239,7 @@ def problems(draw):
         fwd_kv_splits=draw(st.sampled_from([1, 1, 2, 3])),
         dq_block_m=sub, dq_block_n=draw(st.sampled_from([16, bt])), dkdv_block_m=16, dkdv_block_n=sub,
         bwd_fused=draw(st.booleans()),
+        bwd_dq=draw(st.sampled_from(["ordered", "atomic"])),
         fwd_overlap=draw(st.booleans()), dq_overlap=draw(st.booleans()), dkdv_overlap=draw(st.booleans()),
     )
     pool_grad = draw(st.booleans())
@@ -278,14 +279,44 @@ def test_backward_is_deterministic_and_skips_pool_without_grad():
     prob = make_problem(spec, 1, 4, seed=7)
     go = torch.randn(prob["q"].shape, device=DEVICE)
     glse = torch.zeros(prob["q"].shape[:-1], device=DEVICE)
-    a = run_with_grads(spec, prob, "triton", go, glse, None, pool_grad=True)
-    b = run_with_grads(spec, prob, "triton", go, glse, None, pool_grad=True)
+    ordered = KernelConfig(bwd_dq="ordered")
+    a = run_with_grads(spec, prob, "triton", go, glse, None, pool_grad=True, config=ordered)
+    b = run_with_grads(spec, prob, "triton", go, glse, None, pool_grad=True, config=ordered)
     for k in a[2]:
         assert torch.equal(a[2][k], b[2][k]), k
-    c = run_with_grads(spec, prob, "triton", go, glse, None, pool_grad=False)
+    c = run_with_grads(spec, prob, "triton", go, glse, None, pool_grad=False, config=ordered)
     assert "k_pool" not in c[2] and "v_pool" not in c[2]
     for k in c[2]:
         assert torch.equal(a[2][k], c[2][k]), k
+
+
+def test_atomic_dq_backward_matches_ordered_and_respects_deterministic_mode(monkeypatch):
+    """The atomic backward gives the ordered one's gradients (dK/dV bitwise: same visitor
+    sums; dQ within rounding), also when the pool needs no gradient (pool slots still add
+    their dQ share), and torch.use_deterministic_algorithms(True) routes to the ordered path."""
+    spec = AttentionKernelSpec(16, 16, 4, 2, "float32", 2, 2, "dense", 3, True)
+    prob = make_problem(spec, 2, 4, seed=3)
+    go = torch.randn(prob["q"].shape, device=DEVICE)
+    glse = torch.randn(prob["q"].shape[:-1], device=DEVICE)
+    ordered = run_with_grads(spec, prob, "triton", go, glse, None, True, KernelConfig(bwd_dq="ordered"))
+    atomic_cfg = KernelConfig(bwd_dq="atomic", dkdv_block_m=16, dkdv_block_n=16)
+    for pool_grad in (True, False):
+        got = run_with_grads(spec, prob, "triton", go, glse, None, pool_grad, atomic_cfg)
+        assert set(got[2]) == {"q", "k_cur", "v_cur"} | ({"k_pool", "v_pool"} if pool_grad else set())
+        for k, g in got[2].items():
+            assert rel_err(g, ordered[2][k]) <= 1e-6, k
+    calls = []
+    real = launch.launch_bwd_atomic
+    monkeypatch.setattr(launch, "launch_bwd_atomic", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    run_with_grads(spec, prob, "triton", go, glse, None, True, atomic_cfg)
+    assert calls == [1]
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        run_with_grads(spec, prob, "triton", go, glse, None, True, atomic_cfg)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert calls == [1], "deterministic mode must take the ordered dQ path"
 
 
 # --------------------------------------------------------------------------
