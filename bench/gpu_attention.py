@@ -361,6 +361,12 @@ def fwd_candidates():
         ("desc straight 128x128 w8 s3 split2", base.replace(fwd_kv_splits=2)),
         ("desc overlap 128x64 w8 s3 auto-split", base.replace(fwd_block_n=64, fwd_overlap=True)),
         ("desc overlap 128x64 w8 s4 auto-split", base.replace(fwd_block_n=64, fwd_stages=4, fwd_overlap=True)),
+        # one warpgroup per program, small enough for two programs per SM (they interleave
+        # their softmax and matmuls, a poor man's ping-pong)
+        ("desc straight 64x64 w4 s3 auto-split", base.replace(fwd_block_m=64, fwd_block_n=64, fwd_warps=4)),
+        ("desc straight 64x128 w4 s2 auto-split", base.replace(fwd_block_m=64, fwd_warps=4, fwd_stages=2)),
+        ("desc straight 128x64 w8 s3 auto-split", base.replace(fwd_block_n=64)),
+        ("desc straight 128x64 w4 s3 auto-split", base.replace(fwd_block_n=64, fwd_warps=4)),
     ]
     if ARGS.sweep_set == "small":
         c = c[:3]

@@ -319,6 +319,47 @@ def test_atomic_dq_backward_matches_ordered_and_respects_deterministic_mode(monk
     assert calls == [1], "deterministic mode must take the ordered dQ path"
 
 
+@settings(max_examples=25, deadline=None)
+@given(problems(), st.booleans())
+def test_transposed_schedule_lists_every_visitor_once_in_order(case, include_pool):
+    """CSR of the transposed schedule vs a direct enumeration of the visit tables: item
+    (b, kv head, j) lists h * NQB + qb of every query block that reads it, ascending;
+    items run longest first; both builders (Triton marks, torch sort) agree."""
+    from codegen import transpose
+    from codegen.transpose import build_transposed_schedule
+
+    spec, B, nslots, seed, _, _ = case
+    prob = make_problem(spec, B, nslots, seed, device="cpu", poison=False)
+    vs, vc = prob["visit_slots"], prob["visit_count"]
+    NQB, HKV, G = spec.num_query_blocks, spec.num_kv_heads, spec.group_size
+    with_pool = include_pool and nslots > 0
+    NJ = NQB + (nslots if with_pool else 0)
+    expect = {item: [] for item in range(B * HKV * NJ)}
+    for b in range(B):
+        for h in range(spec.num_heads):
+            base = (b * HKV + h // G) * NJ
+            for qb in range(NQB):
+                for j in range(spec.current_blocks_visible(qb)):
+                    expect[base + j].append(h * NQB + qb)
+                if with_pool:
+                    for slot in vs[b, h, qb, :int(vc[b, h, qb])].tolist():
+                        expect[base + NQB + slot].append(h * NQB + qb)
+    for builder in ("marks", "sort", "marks"):  # the third call reuses cached parts
+        transpose.BUILDER = builder
+        try:
+            ts = build_transposed_schedule(spec, vs, vc, nslots, include_pool)
+        finally:
+            transpose.BUILDER = "marks"
+        assert (ts.num_items, ts.num_items_per_head) == (B * HKV * NJ, NJ)
+        ptr = ts.row_ptr.tolist()
+        got = {i: ts.visitors[ptr[i]:ptr[i + 1]].tolist() for i in range(ts.num_items)}
+        assert got == {i: sorted(v) for i, v in expect.items()}
+        order = ts.item_order.tolist()
+        assert sorted(order) == list(range(ts.num_items))
+        lengths = [len(expect[i]) for i in order]
+        assert lengths == sorted(lengths, reverse=True)
+
+
 # --------------------------------------------------------------------------
 # spec, cache, source, validation
 # --------------------------------------------------------------------------
