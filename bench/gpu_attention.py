@@ -1,6 +1,6 @@
 """GPU check + benchmark of the generated PBSA attention kernels (one script, one lease).
 
-    cd /work/main && PYTHONPATH=. python3 bench/gpu_attention.py [--phases check,sweep,table] [--tiny]
+    cd /work/main && PYTHONPATH=. python3 bench/gpu_attention.py [--phases check,sweep,splits,table] [--tiny]
 
 Phases
   check  correctness on the GPU at real shapes (bf16, BT=128, D=128, H=12; MHA and
@@ -640,6 +640,26 @@ def phase_table(cfg):
     return rows
 
 
+def phase_splits():
+    """Forward time against the number of KV splits per query tile, at every density: checks
+    the launcher's automatic choice (launch._auto_splits)."""
+    log("\n## Forward vs KV splits (default config otherwise; ms, median of do_bench)\n")
+    log("| local density | blocks / query block | splits=1 | 2 | 3 | 4 | automatic choice |")
+    log("|---|---|---|---|---|---|---|")
+    for density in [float(x) for x in ARGS.densities.split(",")]:
+        spec, t, vis, n_pairs = bench_problem(density)
+        args = [t[k] for k in ARGN]
+        base = launch.default_config(spec, torch.device(DEV))
+        times = []
+        for splits in (1, 2, 3, 4):
+            cfg = base.replace(fwd_kv_splits=splits)
+            times.append(bench(lambda: pbsa_attention(spec, *args, config=cfg, validate=False)))
+        n_prog = spec.num_heads * spec.num_query_blocks * (spec.block_tokens // base.fitted(spec).fwd_block_m)
+        auto = launch._auto_splits(n_prog, torch.device(DEV), spec, base.fitted(spec)) if not ARGS.tiny else 1
+        log(f"| {density:.2%} | {n_pairs // (spec.num_heads * spec.num_query_blocks)} | "
+            + " | ".join(f"{x:.3f}" for x in times) + f" | {auto} |")
+
+
 def main():
     phases = ARGS.phases.split(",")
     if not ARGS.tiny:
@@ -657,6 +677,9 @@ def main():
         if "sweep" in phases:
             cfg = phase_sweep()
             log(f"[sweep done at {time.time() - t0:.0f}s]")
+        if "splits" in phases:
+            phase_splits()
+            log(f"[splits done at {time.time() - t0:.0f}s]")
         if cfg is None:
             cfg = launch.default_config(bench_problem(0.25)[0], torch.device(DEV))
         if "table" in phases:

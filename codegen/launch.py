@@ -147,18 +147,38 @@ def _run(kernel, grid, *args, **kw):
             kw[flag] = False
 
 
-def _auto_splits(n_programs: int, device: torch.device) -> int:
-    """KV splits per query tile that best fill the last wave of SMs (1 off CUDA)."""
+# Split model constants (H100, bench/gpu_attention.py --phases splits): a key tile of one
+# program costs 4*BM*BN*D flops at about this per-SM rate; the merge kernel moves
+# (splits + 1) fp32 partial rows per query row at about this bandwidth, plus a launch.
+_SM_FLOPS = 3.5e12
+_MERGE_BYTES_PER_S = 2.5e12
+_MERGE_FIXED_S = 5e-6
+_PROGRAM_FIXED_TILES = 2  # prologue + epilogue of a program, in key-tile iterations
+
+
+def _auto_splits(n_programs: int, device: torch.device, spec: AttentionKernelSpec | None = None,
+                 cfg: KernelConfig | None = None) -> int:
+    """KV splits per query tile that minimise the modelled forward time (1 off CUDA):
+    waves of programs (the last one partly empty) times the work per program, plus the
+    merge of the partial softmaxes when split."""
     if device.type != "cuda":
         return 1
     sms, _ = _device_props(device.index if device.index is not None else torch.cuda.current_device())
-    best, best_cost = 1, None
+    if spec is None or cfg is None:  # no shape known: balance the last wave only
+        tiles, bm, bn, d, rows = 64, 128, 128, 128, n_programs * 128
+    else:
+        bm, bn, d = cfg.fwd_block_m, cfg.fwd_block_n, spec.head_dim
+        longest = spec.current_blocks_visible(spec.num_query_blocks - 1) + spec.max_cached_visits
+        tiles = longest * (spec.block_tokens // bn)
+        rows = n_programs * bm
+    t_tile = 4 * bm * bn * d / _SM_FLOPS
+    best, best_t = 1, None
     for s in (1, 2, 3, 4):
-        waves = n_programs * s / sms
-        # time in units of one unsplit program; each split adds a little fixed cost
-        cost = math.ceil(waves) / s + (0.04 * (s > 1)) + 0.01 * (s - 1)
-        if best_cost is None or cost < best_cost - 1e-9:
-            best, best_cost = s, cost
+        t = math.ceil(n_programs * s / sms) * (tiles / s + _PROGRAM_FIXED_TILES) * t_tile
+        if s > 1:
+            t += rows * d * 4 * (s + 1) / _MERGE_BYTES_PER_S + _MERGE_FIXED_S
+        if best_t is None or t < best_t * (1 - 1e-9):
+            best, best_t = s, t
     return best
 
 
@@ -195,7 +215,7 @@ def attention_forward(
     lse = _out(B, H, NQB, BT, dtype=torch.float32, device=q.device)
     bm, bn = cfg.fwd_block_m, cfg.fwd_block_n
     n_prog = B * H * NQB * (BT // bm)
-    splits = cfg.fwd_kv_splits or _auto_splits(n_prog, q.device)
+    splits = cfg.fwd_kv_splits or _auto_splits(n_prog, q.device, spec, cfg)
     if splits > 1:
         o_part = _out(splits, B * H * NQB * BT, D, dtype=torch.float32, device=q.device)
         lse_part = _out(splits, B * H * NQB * BT, dtype=torch.float32, device=q.device)
