@@ -153,7 +153,7 @@ def _run(kernel, grid, *args, **kw):
 _SM_FLOPS = 3.5e12
 _MERGE_BYTES_PER_S = 2.5e12
 _MERGE_FIXED_S = 5e-6
-_PROGRAM_FIXED_TILES = 2  # prologue + epilogue of a program, in key-tile iterations
+_PROGRAM_FIXED_TILES = 10  # per-program fixed cost (prologue, epilogue, launch), in key-tile iterations
 
 
 def _auto_splits(n_programs: int, device: torch.device, spec: AttentionKernelSpec | None = None,
