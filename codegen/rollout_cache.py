@@ -54,6 +54,11 @@ no host synchronisation (every count is a host integer known from the schedule):
   3. the chunk's blocks that stay (window, or sink) are written into free slots (K, V and
      key representatives), and the sink / window tables advance (window_slots shifted so
      that position p stays block w_start*nb + p).
+Backend "triton": three launches per layer (`_TritonCommit`: fused importance, the
+generated update kernel, which also shifts the window table, and `_write_chunk_kernel`),
+with every per-step integer a runtime argument that Triton does not specialise on, so a
+steady-state commit compiles nothing and its host cost is three lean launches. Backend
+"torch": the same steps as torch ops (`RolloutCache._commit`, the tests' second opinion).
 Step protocol: every layer commits once per step; the cache advances (`cache.step`) when
 the last layer has committed. A layer that has committed step t refuses `tables()` and a
 second `commit` until the others have (ValueError). Tables are live views of the cache:
@@ -77,7 +82,14 @@ from sparsedsl.schedule import Schedule
 
 from . import select as select_ops
 from .tables import BlockTables
-from .update_rule import load_update_rule, update_step
+from .update_rule import launch_update_kernel, load_update_rule, update_step
+
+try:  # the torch path works without triton
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - triton missing
+    triton = None
+    tl = None
 
 FORMAT_VERSION = 1
 #: Test switch: fill freed pool slots with NaN, so that a table still pointing at a freed
@@ -263,6 +275,180 @@ class MemorySnapshot:
 
 
 # ==================================================================================
+# the commit on the GPU: three launches, nothing recompiled at steady state
+# ==================================================================================
+class _TritonCommit:
+    """The Triton commit of one cache (backend "triton"): per layer and step
+
+      1. `select.CommitImportance`: the chunk's query representatives and the importance
+         partial sums over P_t ∪ window_t, read from the persistent and window tables;
+      2. the generated update kernel: importance averaged over the heads, scores, Top-C,
+         tables rewritten, losers freed, the window table shifted by the evicted blocks;
+      3. `_write_chunk_kernel`: the kept chunk blocks into the slots on top of the free
+         list (K, V, key representatives, slot_block, slot_valid) and into the sink /
+         window tables.
+    Everything that does not change from step to step (tiles, scratch, views, the valid
+    counts on the device) is made here once; what changes (counts, AGE0, free-list top,
+    the chunk's first block) is passed as runtime integers that Triton does not
+    specialise on, so a steady-state commit compiles nothing. No host synchronisation.
+    """
+
+    def __init__(self, cache: "RolloutCache"):
+        s = cache.schedule
+        B, H, HKV = cache.batch, s.num_heads, s.num_kv_heads
+        dev = cache.device
+        self.cache = cache
+        self.group = H // HKV
+        self.cur_valid = cache._cur_valid
+        self.write = _ChunkWriter(cache.bt, cache.d)
+        self.importance = None
+        if s.update is not None:
+            ndom = cache._dom.shape[2]
+            imp = self.importance = select_ops.CommitImportance(cache.nqb, s.layout.block_tokens,
+                                                                 s.head_dim, ndom)
+            self.q_rep = torch.zeros(B, H, cache.nqb, s.head_dim, dtype=torch.float32, device=dev)
+            self.part = torch.zeros(B, H, imp.n_tiles, ndom, dtype=torch.float32, device=dev)
+            # the update kernel sums the rows of one set: its query heads x tiles, or all
+            # heads when the set is shared (a stride-0 view over the KV heads)
+            if s.update.shared_heads:
+                self.imp_rows = self.part.view(B, 1, H * imp.n_tiles, ndom).expand(
+                    B, HKV, H * imp.n_tiles, ndom)
+                self.imp_scale = 1.0 / H
+            else:
+                self.imp_rows = self.part.view(B, HKV, self.group * imp.n_tiles, ndom)
+                self.imp_scale = 1.0 / self.group
+
+    def commit(self, L: _Layer, plan: StepPlan, q, k, v) -> None:
+        cache, s = self.cache, self.cache.schedule
+        n_free0 = L.n_free
+        freed = 0
+        kept_old = plan.nw - plan.n_drop
+        if s.update is not None:
+            np_, nc = L.n_persistent, L.n_persistent + plan.n_drop
+            if nc:
+                self.importance.launch(q, self.cur_valid, self.q_rep, L.k_rep, L.persistent_slots,
+                                       np_, L.window_slots, np_ + plan.nw, self.part,
+                                       cache.program.scale, self.group)
+                shift = (L.window_slots, plan.n_drop, kept_old if plan.n_drop else 0)
+                launch_update_kernel(cache.rule, self.imp_rows, self.imp_scale, L.persistent_slots,
+                                     L.window_slots, np_, nc, s.capacity, cache.nb, plan.age0,
+                                     L.slot_block, L.slot_score, L.slot_valid,
+                                     L.persistent_slots, L.persistent_count, L.free_list,
+                                     n_free0, cache._scores, cache._block_n, shift)
+                L.n_persistent = min(nc, s.capacity)
+                freed = nc - L.n_persistent
+        elif plan.n_drop:
+            _free_dropped_window(L, plan, n_free0)
+            if kept_old:
+                L.window_slots[..., :kept_old] = L.window_slots[..., plan.n_drop:plan.nw].clone()
+            freed = plan.n_drop
+        if POISON_FREED and freed:
+            cache._poison(L, n_free0, freed)
+        L.n_free += freed
+        m = plan.chunk_sink + plan.chunk_blocks - plan.chunk_keep_start
+        if m:
+            self.write.launch(L, plan, k, v, self.cur_valid, L.n_free, m, kept_old,
+                              s.chunk_start_frame(plan.step) * cache.nb)
+            L.n_free -= m
+
+
+def _free_dropped_window(L: _Layer, plan: StepPlan, n_free0: int) -> None:
+    """No persistent memory: the blocks leaving the window go back to the free list."""
+    dropped = L.window_slots[..., :plan.n_drop].long()
+    L.free_list[..., n_free0:n_free0 + plan.n_drop] = L.window_slots[..., :plan.n_drop]
+    L.slot_block.scatter_(2, dropped, -1)
+    L.slot_valid.scatter_(2, dropped, 0)
+    L.slot_score.scatter_(2, dropped, 0.0)
+
+
+class _ChunkWriter:
+    """Launches `_write_chunk_kernel` for pools of BT x D blocks (tiles fixed per cache)."""
+
+    def __init__(self, pool_tokens: int, pool_dim: int):
+        self.bt_pool, self.d_pool = pool_tokens, pool_dim
+        self.block_d = min(triton.next_power_of_2(pool_dim), 128)
+        self.block_t = max(1, min(triton.next_power_of_2(pool_tokens), 4096 // self.block_d))
+        self.warps = 8 if self.block_t * self.block_d >= 4096 else 4
+
+    def launch(self, L: _Layer, plan: StepPlan, k, v, valid, top: int, m: int, win_at: int,
+               first: int) -> None:
+        """The m kept blocks (chunk blocks [0, chunk_sink) then [keep_start, ...)) into the
+        slots free_list[..., top - m:top]; sink / window table entries from n_sink_old /
+        win_at on; global block id = first + chunk block."""
+        B, HKV, _, d = k.shape
+        bt = k.shape[2] // plan.chunk_blocks
+        _write_chunk_kernel[(m, HKV, B)](
+            k, v, valid, L.free_list, L.k_pool, L.v_pool, L.k_rep, L.slot_block, L.slot_valid,
+            L.sink_slots, L.window_slots,
+            top - m, plan.chunk_sink, plan.chunk_keep_start, first, plan.n_sink_old, win_at,
+            bt, d,
+            *k.stride(), *v.stride(), valid.stride(0), *L.free_list.stride(), *L.k_pool.stride(),
+            *L.k_rep.stride(), *L.slot_block.stride(), *L.sink_slots.stride(),
+            *L.window_slots.stride(),
+            BT=self.bt_pool, D=self.d_pool, BLOCK_T=self.block_t, BLOCK_D=self.block_d,
+            num_warps=self.warps)
+
+
+if triton is not None:
+
+    # every integer changes with the step or the plan: none is specialised (no recompiles)
+    @triton.jit(do_not_specialize=("POP_AT", "CHUNK_SINK", "KEEP_START", "FIRST", "SINK_AT",
+                                   "WIN_AT", "bt", "d"))
+    def _write_chunk_kernel(
+        k_ptr, v_ptr, valid_ptr, fl_ptr, kp_ptr, vp_ptr, kr_ptr, sb_ptr, sv_ptr, sink_ptr, win_ptr,
+        POP_AT, CHUNK_SINK, KEEP_START, FIRST, SINK_AT, WIN_AT, bt, d,
+        sk_b, sk_h, sk_r, sk_d,
+        sv_b, sv_h, sv_r, sv_d,
+        sval,
+        sf_b, sf_h, sf_n,
+        sp_b, sp_h, sp_s, sp_t, sp_d,
+        sr_b, sr_h, sr_s, sr_d,
+        st_b, st_h, st_s,
+        ssk_b, ssk_h, ssk_n,
+        sw_b, sw_h, sw_n,
+        BT: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # One program = kept block j of (b, g): chunk block c = j for the new sink blocks,
+        # KEEP_START + (j - CHUNK_SINK) for the window's. Copies its bt x d tokens into the
+        # BT x D pool slot popped from the free list (zero padding), its key representative
+        # (mean of the first `valid` tokens, fp32, the representatives kernel's order), the
+        # slot's block id and valid count, and its sink or window table entry.
+        j = tl.program_id(0)
+        g = tl.program_id(1).to(tl.int64)
+        b = tl.program_id(2).to(tl.int64)
+        c = tl.where(j < CHUNK_SINK, j, KEEP_START + j - CHUNK_SINK)
+        slot = tl.load(fl_ptr + b * sf_b + g * sf_h + (POP_AT + j) * sf_n)
+        nv = tl.load(valid_ptr + c * sval)
+        nv = tl.minimum(tl.maximum(nv, 0), bt)
+        row0 = c.to(tl.int64) * bt
+        k_base = k_ptr + b * sk_b + g * sk_h + row0 * sk_r
+        v_base = v_ptr + b * sv_b + g * sv_h + row0 * sv_r
+        pool_off = b * sp_b + g * sp_h + slot.to(tl.int64) * sp_s
+        rep_base = kr_ptr + b * sr_b + g * sr_h + slot.to(tl.int64) * sr_s
+        denom = tl.maximum(nv, 1).to(tl.float32)
+        for d0 in tl.static_range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+            for t0 in tl.static_range(0, BT, BLOCK_T):
+                t = t0 + tl.arange(0, BLOCK_T)
+                src = (t < bt)[:, None] & (dd < d)[None, :]
+                dst = (t < BT)[:, None] & (dd < D)[None, :]
+                xk = tl.load(k_base + t[:, None] * sk_r + dd[None, :] * sk_d, mask=src, other=0.0)
+                xv = tl.load(v_base + t[:, None] * sv_r + dd[None, :] * sv_d, mask=src, other=0.0)
+                at = pool_off + t[:, None] * sp_t + dd[None, :] * sp_d
+                tl.store(kp_ptr + at, xk, mask=dst)
+                tl.store(vp_ptr + at, xv, mask=dst)
+                acc += tl.where((t < nv)[:, None], xk.to(tl.float32), 0.0)
+            tl.store(rep_base + dd * sr_d, tl.sum(acc, axis=0) / denom, mask=dd < D)
+        tl.store(sb_ptr + b * st_b + g * st_h + slot * st_s, FIRST + c)
+        tl.store(sv_ptr + b * st_b + g * st_h + slot * st_s, nv)
+        if j < CHUNK_SINK:
+            tl.store(sink_ptr + b * ssk_b + g * ssk_h + (SINK_AT + j) * ssk_n, slot)
+        else:
+            tl.store(win_ptr + b * sw_b + g * sw_h + (WIN_AT + j - CHUNK_SINK) * sw_n, slot)
+
+
+# ==================================================================================
 # the cache
 # ==================================================================================
 class RolloutCache:
@@ -298,6 +484,8 @@ class RolloutCache:
         self._fixed_nwmax = None if s.window.frames is None else max(s.window.frames * self.nb, 1)
         self.layers = [self._new_layer(nslots) for _ in range(num_layers)]
         self.step = 0
+        self._pending = num_layers          # layers that have not committed `step` yet
+        self._need_by_step: dict[int, int] = {}
         self.rule = None
         if s.update is not None:
             header = tuple(s.describe().splitlines())
@@ -327,6 +515,8 @@ class RolloutCache:
         self._full_ids = (torch.arange(self.nqb, device=self.device, dtype=torch.int32)
                           .expand(full).reshape(-1).contiguous())
         self._bg_by_nslots: dict[int, torch.Tensor] = {}
+        self._kept_by_plan: dict[tuple[int, int], tuple] = {}
+        self._fast = _TritonCommit(self) if backend == "triton" else None
 
     # --- construction helpers ------------------------------------------------------------
     def _resolve_dtype(self, dtype) -> torch.dtype:
@@ -407,12 +597,19 @@ class RolloutCache:
             if x.device != self.device:
                 raise ValueError(f"commit: {name} is on {x.device} but the cache is on {self.device}")
         if not self.growable:
-            need = _kv_blocks(s, (L.step + 1) * self.c)
+            need = self._blocks_needed(L.step)
             if need > L.nslots:
                 raise ValueError(
                     f"commit: chunk {L.step} would hold {need} blocks per KV head but the pool has "
                     f"{L.nslots} slots (made for max_frames = {self.max_frames}); make the "
                     "cache with a larger max_frames")
+
+    def _blocks_needed(self, step: int) -> int:
+        """Blocks per KV head after committing chunk `step` (the sympy formula, memoised)."""
+        need = self._need_by_step.get(step)
+        if need is None:
+            need = self._need_by_step[step] = _kv_blocks(self.schedule, (step + 1) * self.c)
+        return need
 
     def commit(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """The clean pass of the current chunk in `layer`: write its K/V (k after RoPE) and run
@@ -421,14 +618,19 @@ class RolloutCache:
         L = self.layers[layer]
         plan = step_plan(self.schedule, L.step)
         if self.growable:
-            need = _kv_blocks(self.schedule, (L.step + 1) * self.c)
+            need = self._blocks_needed(L.step)
             if need > L.nslots:
                 self._grow(L, max(2 * L.nslots, need))
-        with torch.no_grad():
-            self._commit(L, plan, q.detach(), k.detach(), v.detach())
+        if self._fast is not None:
+            self._fast.commit(L, plan, q, k, v)   # Triton kernels: no autograd involved
+        else:
+            with torch.no_grad():
+                self._commit(L, plan, q.detach(), k.detach(), v.detach())
         L.step += 1
-        if all(x.step == self.step + 1 for x in self.layers):
+        self._pending -= 1
+        if self._pending == 0:
             self.step += 1
+            self._pending = self.num_layers
 
     def _bg_offsets(self, nslots: int) -> torch.Tensor:
         """int64 [B, HKV, 1]: (b * HKV + g) * nslots, the flat offset of each pool row."""
@@ -436,6 +638,13 @@ class RolloutCache:
         if off is None:
             off = self._bg_by_nslots[nslots] = self._bg_base * nslots
         return off
+
+    def _poison(self, L: _Layer, n_free0: int, freed: int) -> None:
+        """Test switch POISON_FREED: NaN into the slots just freed."""
+        flat = (self._bg_offsets(L.nslots) + L.free_list[..., n_free0:n_free0 + freed]).reshape(-1)
+        L.k_pool.view(-1, self.bt, self.d).index_fill_(0, flat, float("nan"))
+        L.v_pool.view(-1, self.bt, self.d).index_fill_(0, flat, float("nan"))
+        L.k_rep.view(-1, self.d).index_fill_(0, flat, float("nan"))
 
     def _blocks(self, x: torch.Tensor) -> torch.Tensor:
         """[B, h, NQB*bt, d] -> [B, h, NQB, BT, D] (a view when no padding is needed)."""
@@ -453,7 +662,22 @@ class RolloutCache:
             rep = F.pad(rep, (0, self.d - rep.shape[-1]))
         return rep
 
+    def _kept_tensors(self, plan: StepPlan) -> tuple:
+        """(index [m] int64, valid [m], valid flat over (b, g), chunk-relative ids flat) of the
+        chunk blocks a partial commit keeps; made once per plan shape, not per commit."""
+        key = (plan.chunk_sink, plan.chunk_keep_start)
+        got = self._kept_by_plan.get(key)
+        if got is None:
+            B, HKV, m = self.batch, self.schedule.num_kv_heads, len(plan.chunk_kept)
+            idx = torch.tensor(plan.chunk_kept, device=self.device, dtype=torch.long)
+            valid = self._cur_valid.index_select(0, idx)
+            got = self._kept_by_plan[key] = (
+                idx, valid, valid.expand(B, HKV, m).reshape(-1).contiguous(),
+                idx.to(torch.int32).expand(B, HKV, m).reshape(-1).contiguous())
+        return got
+
     def _commit(self, L: _Layer, plan: StepPlan, q, k, v) -> None:
+        """The commit in torch ops (backend "torch"; the Triton path's reference)."""
         s = self.schedule
         lay = s.layout
         B, HKV, H = self.batch, s.num_kv_heads, s.num_heads
@@ -485,17 +709,10 @@ class RolloutCache:
                 L.n_persistent = min(nc, s.capacity)
                 freed = nc - L.n_persistent
         elif plan.n_drop:
-            dropped = L.window_slots[..., :plan.n_drop].long()
-            L.free_list[..., n_free0:n_free0 + plan.n_drop] = L.window_slots[..., :plan.n_drop]
-            L.slot_block.scatter_(2, dropped, -1)
-            L.slot_valid.scatter_(2, dropped, 0)
-            L.slot_score.scatter_(2, dropped, 0.0)
+            _free_dropped_window(L, plan, n_free0)
             freed = plan.n_drop
         if POISON_FREED and freed:
-            flat = (self._bg_offsets(L.nslots) + L.free_list[..., n_free0:n_free0 + freed]).reshape(-1)
-            L.k_pool.view(-1, self.bt, self.d).index_fill_(0, flat, float("nan"))
-            L.v_pool.view(-1, self.bt, self.d).index_fill_(0, flat, float("nan"))
-            L.k_rep.view(-1, self.d).index_fill_(0, flat, float("nan"))
+            self._poison(L, n_free0, freed)
         L.n_free += freed
 
         # 3. the chunk's kept blocks into free slots (stack top), then the tables
@@ -509,11 +726,9 @@ class RolloutCache:
             k_raw = k.reshape(B, HKV, self.nqb, bt, d)
             first = s.chunk_start_frame(plan.step) * self.nb
             if m != self.nqb:
-                idx = torch.tensor(kept, device=self.device, dtype=torch.long)
+                idx, valid, valid_flat, ids_flat = self._kept_tensors(plan)
                 kb, vb, k_raw = kb.index_select(2, idx), vb.index_select(2, idx), k_raw.index_select(2, idx)
-                valid = self._cur_valid.index_select(0, idx)
-                valid_flat = valid.expand(B, HKV, m).reshape(-1)
-                ids_flat = (idx + first).to(torch.int32).expand(B, HKV, m).reshape(-1)
+                ids_flat = ids_flat + first
             else:
                 valid, valid_flat = self._cur_valid, self._full_valid
                 ids_flat = self._full_ids + first
@@ -594,6 +809,7 @@ class RolloutCache:
                              f"{state['step']}")
         self.layers = new_layers
         self.step = int(state["step"])
+        self._pending = sum(L.step == self.step for L in new_layers)
 
     def _layers_from_state(self, state: dict) -> list:
         new_layers = []

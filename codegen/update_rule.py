@@ -16,11 +16,15 @@ The module is written to the kernel cache directory (`codegen.cache.cache_dir()`
 triton versions), atomically, and imported with importlib; within a process a second
 load is one dict lookup (like the attention kernels, codegen/cache.py).
 
-`update_step(...)` is the one entry point the rollout cache calls; both paths compute
-the same thing:
+`update_step(...)` is the entry point (the torch commit's; the rollout cache's Triton
+commit calls `launch_update_kernel` directly, with its arguments ready); both paths
+compute the same thing:
 
-    for each (b, g), candidates i in [0, NC) given as pool slots cand_slots[b, g, i],
-    the first NP of them the current persistent set, all in ascending block order:
+    for each (b, g), candidates i in [0, NC) given as pool slots cand_slots[b, g, i]
+    (or, for i >= NP, cand_tail[b, g, i - NP]: the persistent table then the window
+    table), the first NP of them the current persistent set, all in ascending block order:
+        importance = importance[b, g, i], or imp_scale * sum_r importance[b, g, r, i]
+                   (the commit's per-tile, per-head partial sums, averaged in the kernel)
         block    = slot_block[slot]           previous = slot_score[slot] if i < NP else 0
         age      = AGE0 - block // NB         (AGE0 = (t+1)*c - 1)
         score    = <expression>(importance[b, g, i], previous, age)   in float32
@@ -31,10 +35,13 @@ the same thing:
         losers, in candidate order: pushed on the free list at free_list[b, g, FREE_AT:],
             slot_block[slot] = -1, slot_valid[slot] = 0, slot_score[slot] = 0
         persistent_count[b, g] = min(NC, CAP)
-    scores[b, g, :NC] = the candidates' scores (an output, for inspection).
+    scores[b, g, :NC] = the candidates' scores (an output, for inspection);
+    optionally the window advances: window_slots[b, g, :count] = old [shift : shift + count].
 
 Winners stay in their pool slots: no K/V is copied. No host synchronisation: NP, NC,
-CAP, AGE0 and FREE_AT are host integers known from the schedule.
+CAP, AGE0 and FREE_AT are host integers known from the schedule; they change from step
+to step, so the kernel does not specialise on them (`do_not_specialize`: AGE0 = (t+1)*c-1
+is divisible by 16 every 16 steps, which used to compile a second kernel mid-rollout).
 
 Printable expressions: numbers, the three statistics, + - * /, powers (integer powers
 unrolled, x**(1/2) as sqrt, other powers as exp(y*log(x))), exp, log, sqrt, Abs, sign,
@@ -53,7 +60,7 @@ from types import ModuleType
 import sympy
 import torch
 
-GENERATOR_VERSION = "update-1"
+GENERATOR_VERSION = "update-2"
 STATISTICS = ("importance", "previous", "age")
 SUPPORTED = ("numbers", "importance", "previous", "age", "+", "-", "*", "/", "**", "exp",
              "log", "sqrt", "Abs", "sign", "floor", "ceiling", "sin", "cos", "tan", "tanh",
@@ -215,37 +222,49 @@ if triton is not None:
     def score_triton(importance, previous, age):
         return {triton_expr}
 
-    @triton.jit
+    # every integer argument changes with the step (AGE0 every step, NP / NC / FREE_AT while
+    # the memory fills): none is specialised, so a steady-state step never compiles
+    @triton.jit(do_not_specialize=("NP", "NC", "CAP", "NWIN", "NB", "AGE0", "FREE_AT", "R",
+                                   "NSHIFT", "SHIFT_BY"))
     def update_kernel(
-        imp_ptr, dom_ptr, sb_ptr, ss_ptr, sv_ptr, ps_ptr, pc_ptr, fl_ptr, sc_ptr,
-        NP, NC, CAP, NWIN, NB, AGE0, FREE_AT,
-        si_b, si_h, si_n,
+        imp_ptr, ca_ptr, cb_ptr, sb_ptr, ss_ptr, sv_ptr, ps_ptr, pc_ptr, fl_ptr, sc_ptr, ws_ptr,
+        NP, NC, CAP, NWIN, NB, AGE0, FREE_AT, R, imp_scale, NSHIFT, SHIFT_BY,
+        si_b, si_h, si_r, si_n,
+        sa_b, sa_h, sa_n,
         sd_b, sd_h, sd_n,
         st_b, st_h, st_n,
         sp_b, sp_h, sp_n,
         sc_b, sc_h,
         sf_b, sf_h, sf_n,
         so_b, so_h, so_n,
+        sw_b, sw_h, sw_n,
         BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
     ):
         # one program = one (batch b, KV head g); candidates i < NC in ascending block order,
-        # the first NP of them the persistent set
+        # the first NP of them (the persistent set) read from ca, the rest from cb[i - NP]
         g = tl.program_id(0).to(tl.int64)
         b = tl.program_id(1).to(tl.int64)
         imp_row = imp_ptr + b * si_b + g * si_h
-        dom_row = dom_ptr + b * sd_b + g * sd_h
         sb_row = sb_ptr + b * st_b + g * st_h          # slot_block, slot_score and slot_valid
         ss_row = ss_ptr + b * st_b + g * st_h          # share one [B, HKV, NSLOTS] layout
         sv_row = sv_ptr + b * st_b + g * st_h
         sc_row = sc_ptr + b * so_b + g * so_h
+        ws_row = ws_ptr + b * sw_b + g * sw_h
 
-        # 1. score every candidate once (kept in registers and in the scores output)
+        # 1. score every candidate once (kept in registers and in the scores output);
+        # importance = imp_scale * the sum of its R partial rows (query tiles x heads)
         i = tl.arange(0, BLOCK_N)
         ok = i < NC
-        slot = tl.load(dom_row + i * sd_n, mask=ok, other=0).to(tl.int64)
-        imp = tl.load(imp_row + i * si_n, mask=ok, other=0.0).to(tl.float32)
+        in_a = i < NP
+        slot_a = tl.load(ca_ptr + b * sa_b + g * sa_h + i * sa_n, mask=ok & in_a, other=0)
+        slot_b = tl.load(cb_ptr + b * sd_b + g * sd_h + (i - NP) * sd_n, mask=ok & (i >= NP), other=0)
+        slot = tl.where(in_a, slot_a, slot_b).to(tl.int64)
+        imp = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for r in range(0, R):
+            imp += tl.load(imp_row + r * si_r + i * si_n, mask=ok, other=0.0).to(tl.float32)
+        imp = imp * imp_scale
         blk = tl.load(sb_row + slot * st_n, mask=ok, other=0)
-        prev = tl.load(ss_row + slot * st_n, mask=ok & (i < NP), other=0.0)
+        prev = tl.load(ss_row + slot * st_n, mask=ok & in_a, other=0.0)
         age = (AGE0 - blk // NB).to(tl.float32)
         s = score_triton(imp, prev, age) + tl.zeros([BLOCK_N], dtype=tl.float32)
         s = tl.where(s != s, float("-inf"), s)       # NaN ranks like -inf
@@ -276,6 +295,14 @@ if triton is not None:
         tl.store(ss_row + slot * st_n, tl.zeros([BLOCK_N], dtype=tl.float32), mask=lose)
         tl.store(pc_ptr + b * sc_b + g * sc_h + tl.zeros([1], dtype=tl.int64),
                  tl.full([1], NWIN, tl.int32))                # |P_t+1| = min(NC, CAP)
+
+        # 4. the window advances: positions [0, NSHIFT) take positions [SHIFT_BY, ...), in
+        # tiles, every load of a tile before its stores (sources lie right of targets)
+        for p0 in range(0, NSHIFT, BLOCK_N):
+            p = p0 + i
+            moved = tl.load(ws_row + (p + SHIFT_BY) * sw_n, mask=p < NSHIFT, other=0)
+            tl.debug_barrier()
+            tl.store(ws_row + p * sw_n, moved, mask=p < NSHIFT)
 '''
 
 
@@ -369,53 +396,78 @@ def update_step(rule: UpdateRule, *, backend: str, importance: torch.Tensor,
                 slot_score: torch.Tensor, slot_valid: torch.Tensor,
                 persistent_slots: torch.Tensor, persistent_count: torch.Tensor,
                 free_list: torch.Tensor, free_at: int, scores: torch.Tensor,
-                block_n: int | None = None) -> None:
+                block_n: int | None = None, cand_tail: torch.Tensor | None = None,
+                importance_scale: float = 1.0,
+                window_shift: tuple[torch.Tensor, int, int] | None = None) -> None:
     """Score candidates, take Top-`capacity`, rewrite the tables in place (see module doc).
 
-    importance float32 [B, HKV, >= NC] (may be an expanded view for a shared set);
-    cand_slots int32 [B, HKV, >= NC]; slot_block / slot_valid int32 and slot_score float32
-    [B, HKV, NSLOTS], contiguous; persistent_slots int32 [B, HKV, CMAX >= min(NC, CAP)];
-    persistent_count int32 [B, HKV]; free_list int32 [B, HKV, NSLOTS] with room for the
-    losers at free_at; scores float32 [B, HKV, >= NC] (output). backend "triton" or
-    "torch"; `block_n` fixes the Triton tile (one compile per pattern).
+    importance float32 [B, HKV, >= NC], or [B, HKV, R, >= NC]: then the importance is
+    `importance_scale` * the sum over R (partial sums per query tile and head, averaged here
+    so that the commit needs no reduction launch; may be an expanded view for a shared set);
+    cand_slots int32 [B, HKV, >= NC]; with `cand_tail` int32 [B, HKV, >= NC - NP], the
+    candidates [NP, NC) are cand_tail[..., i - NP] instead (the persistent table, then the
+    window table, without concatenating them); slot_block / slot_valid int32 and slot_score
+    float32 [B, HKV, NSLOTS], contiguous; persistent_slots int32 [B, HKV, CMAX >=
+    min(NC, CAP)]; persistent_count int32 [B, HKV]; free_list int32 [B, HKV, NSLOTS] with
+    room for the losers at free_at; scores float32 [B, HKV, >= NC] (output).
+    window_shift = (window_slots, shift, count): afterwards window_slots[..., :count] =
+    the old window_slots[..., shift:shift + count] (the window advances by `shift`).
+    backend "triton" or "torch"; `block_n` fixes the Triton tile (one compile per pattern).
     """
     NC, NP, CAP = num_candidates, num_persistent, capacity
     if NC == 0:
         return
+    if importance.dim() == 3:
+        importance = importance.unsqueeze(2)
+    if cand_tail is None:
+        cand_tail = cand_slots[..., NP:]
     if backend == "triton" and rule.has_triton:
         from .select import _interpreter_active
         _interpreter_active()  # installs the Triton-interpreter shims where TRITON_INTERPRET=1
-        B, HKV = cand_slots.shape[:2]
-        block_n = block_n or _next_pow2(NC)
-        if block_n < NC:
-            raise ValueError(f"update_step: block_n = {block_n} < {NC} candidates")
-        block_j = min(block_n, 32)
-        warps = 4 if block_n <= 256 else 8
-        rule.module.update_kernel[(HKV, B)](
-            importance, cand_slots, slot_block, slot_score, slot_valid, persistent_slots,
-            persistent_count, free_list, scores,
-            NP, NC, CAP, min(NC, CAP), blocks_per_frame, age0, free_at,
-            *importance.stride(), *cand_slots.stride(), *slot_block.stride(),
-            *persistent_slots.stride(), *persistent_count.stride(), *free_list.stride(),
-            *scores.stride(),
-            BLOCK_N=block_n, BLOCK_J=block_j, num_warps=warps)
+        launch_update_kernel(rule, importance, importance_scale, cand_slots, cand_tail, NP, NC,
+                             CAP, blocks_per_frame, age0, slot_block, slot_score, slot_valid,
+                             persistent_slots, persistent_count, free_list, free_at, scores,
+                             block_n or _next_pow2(NC), window_shift)
         return
-    _update_torch(rule, importance, cand_slots, NP, NC, CAP, blocks_per_frame, age0, slot_block,
-                  slot_score, slot_valid, persistent_slots, persistent_count, free_list, free_at,
-                  scores)
+    _update_torch(rule, importance, importance_scale, cand_slots, cand_tail, NP, NC, CAP,
+                  blocks_per_frame, age0, slot_block, slot_score, slot_valid, persistent_slots,
+                  persistent_count, free_list, free_at, scores, window_shift)
 
 
-def _update_torch(rule, importance, cand_slots, NP, NC, CAP, NB, AGE0, slot_block, slot_score,
-                  slot_valid, persistent_slots, persistent_count, free_list, free_at, scores):
+def launch_update_kernel(rule, importance, importance_scale, cand_slots, cand_tail, NP, NC, CAP,
+                         NB, age0, slot_block, slot_score, slot_valid, persistent_slots,
+                         persistent_count, free_list, free_at, scores, block_n, window_shift):
+    """The generated kernel, one program per (b, KV head); no checks (the hot path).
+
+    importance 4-D [B, HKV, R, >= NC]; the other arguments as in `update_step`."""
+    B, HKV = cand_slots.shape[:2]
+    if block_n < NC:
+        raise ValueError(f"update_step: block_n = {block_n} < {NC} candidates")
+    ws, shift, count = window_shift if window_shift is not None else (cand_slots, 0, 0)
+    rule.module.update_kernel[(HKV, B)](
+        importance, cand_slots, cand_tail, slot_block, slot_score, slot_valid, persistent_slots,
+        persistent_count, free_list, scores, ws,
+        NP, NC, CAP, min(NC, CAP), NB, age0, free_at, importance.shape[2], importance_scale,
+        count, shift,
+        *importance.stride(), *cand_slots.stride(), *cand_tail.stride(), *slot_block.stride(),
+        *persistent_slots.stride(), *persistent_count.stride(), *free_list.stride(),
+        *scores.stride(), *ws.stride(),
+        BLOCK_N=block_n, BLOCK_J=min(block_n, 32), num_warps=4 if block_n <= 256 else 8)
+
+
+def _update_torch(rule, importance, importance_scale, cand_slots, cand_tail, NP, NC, CAP, NB,
+                  AGE0, slot_block, slot_score, slot_valid, persistent_slots, persistent_count,
+                  free_list, free_at, scores, window_shift):
     dev = cand_slots.device
     B, HKV = cand_slots.shape[:2]
-    slots = cand_slots[..., :NC].long()
+    slots = torch.cat([cand_slots[..., :NP], cand_tail[..., :NC - NP]], dim=-1).long()
     idx = torch.arange(NC, device=dev)
     blk = torch.gather(slot_block, 2, slots).long()
     prev = torch.where(idx < NP, torch.gather(slot_score, 2, slots),
                        torch.zeros((), device=dev, dtype=torch.float32))
     age = (AGE0 - torch.div(blk, NB, rounding_mode="floor")).to(torch.float32)
-    s = rule.score_torch(importance[..., :NC].to(torch.float32), prev, age)
+    imp = importance[..., :NC].to(torch.float32).sum(dim=2) * importance_scale
+    s = rule.score_torch(imp, prev, age)
     s = torch.where(torch.isnan(s), torch.full((), float("-inf"), device=dev), s)
     s = torch.where(s == 0, torch.zeros((), device=dev), s)
     scores[..., :NC] = s
@@ -436,3 +488,7 @@ def _update_torch(rule, importance, cand_slots, NP, NC, CAP, NB, AGE0, slot_bloc
         slot_valid.scatter_(2, losers, 0)
         slot_score.scatter_(2, losers, 0.0)
     persistent_count.fill_(n_win)
+    if window_shift is not None:
+        ws, shift, count = window_shift
+        if count:
+            ws[..., :count] = ws[..., shift:shift + count].clone()

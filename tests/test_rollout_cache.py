@@ -442,17 +442,41 @@ def _random_update_inputs(seed, B=2, HKV=3, nslots=40, NP=5, NC=12, ties=False):
                 free_at=nslots - NC - 3, scores=torch.zeros(B, HKV, 16))
 
 
+def _split_update_inputs(args, NP=5, NC=12):
+    """The same update as `args`, in the commit's form: importance as 3 partial rows
+    (2x, 0, 2x: their sum is 4x exactly in any order, scale 1/4), candidates [NP, NC) in
+    a separate tail table (the cand_slots entries there become garbage), plus a window
+    table to shift."""
+    gen = torch.Generator().manual_seed(11)
+    imp = args["importance"]
+    rows = torch.stack([2 * imp, torch.zeros_like(imp), 2 * imp], dim=2)
+    tail = torch.full((*imp.shape[:2], NC - NP + 2), -5, dtype=torch.int32)
+    tail[..., :NC - NP] = args["cand_slots"][..., NP:NC]
+    cand = args["cand_slots"].clone()
+    cand[..., NP:] = 10**6                      # must not be read
+    window = torch.randint(0, 40, (*imp.shape[:2], 10), generator=gen).int()
+    return dict(args, importance=rows, importance_scale=0.25, cand_slots=cand,
+                cand_tail=tail, window_shift=(window, 3, 5))
+
+
 @pytest.mark.skipif(not (CUDA or INTERPRETER), reason="needs a GPU or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("expr", [importance, -age, importance + previous / 2 - age / 100,
                                   EXPRESSIONS[3], EXPRESSIONS[4]], ids=str)
 @pytest.mark.parametrize("ties", [False, True])
-def test_triton_update_kernel_matches_torch(expr, ties):
+@pytest.mark.parametrize("split", [False, True], ids=["one-table", "commit-form"])
+def test_triton_update_kernel_matches_torch(expr, ties, split):
     rule = ur.load_update_rule(expr)
     dev = "cuda" if CUDA else "cpu"
     results = []
     for backend in ("torch", "triton"):
-        args = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v)
-                for k, v in _random_update_inputs(3, ties=ties).items()}
+        args = _random_update_inputs(3, ties=ties)
+        if split:
+            args = _split_update_inputs(args)
+        args = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+        if split:
+            window, shift, count = args["window_shift"]
+            args["window_shift"] = (window.to(dev), shift, count)
+            old_window = window.clone()
         ur.update_step(rule, backend=backend, capacity=7, **args)
         results.append(args)
     a, b = results
@@ -462,33 +486,163 @@ def test_triton_update_kernel_matches_torch(expr, ties):
         assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-6), name
     # the torch path follows the contract: winners = Top-7 by (score desc, index asc)
     s = a["scores"][..., :12].cpu()
+    plain = _random_update_inputs(3, ties=ties)
     for bb in range(2):
         for g in range(3):
             order = sorted(range(12), key=lambda i: (-float(s[bb, g, i]), i))[:7]
-            slots = a["cand_slots"][bb, g].cpu()
+            slots = plain["cand_slots"][bb, g]
             assert a["persistent_slots"][bb, g, :7].tolist() == [int(slots[i]) for i in sorted(order)]
             losers = [int(slots[i]) for i in range(12) if i not in order]
             assert a["free_list"][bb, g, 25:30].tolist() == losers
+    if split:   # the same scores as the one-table form; the window advanced by 3
+        ur.update_step(rule, backend="torch", capacity=7, **plain)
+        assert torch.equal(a["scores"].cpu(), plain["scores"])
+        for r in results:
+            assert torch.equal(r["window_shift"][0][..., :5].cpu(), old_window[..., 3:8].cpu())
+            assert torch.equal(r["window_shift"][0][..., 5:].cpu(), old_window[..., 5:].cpu())
 
 
-@pytest.mark.skipif(CUDA or not INTERPRETER, reason="interpreter test: set TRITON_INTERPRET=1")
-def test_triton_commit_matches_torch_in_the_interpreter():
-    """The whole commit with the Triton select/importance/update kernels (interpreter)."""
-    pattern = small_pattern(importance + previous / 2, shared=False, capacity=3)
+# ---------------------------------------------------------------------------------------
+# the Triton commit (three launches) against the torch commit and the reference
+# ---------------------------------------------------------------------------------------
+TRITON_COMMIT_CASES = {
+    # name: (pattern, heads, kv_heads, batch, steps); every layout needs padding to the
+    # kernel's 16-token blocks and 16-wide heads
+    "per-head GQA": (small_pattern(importance + previous / 2, shared=False, capacity=3), 4, 2, 2, 6),
+    "shared, age": (small_pattern(importance - age / 100, shared=True, capacity=6, window=3), 4, 2, 1, 7),
+    "sink>chunk": (small_pattern(sink=3, chunk=2, capacity=3, window=2), 2, 1, 1, 6),
+    "window<chunk": (EDGE_CASES["window<chunk"][0], 2, 1, 1, 5),   # a partial chunk kept
+    "no persistent memory": (small_pattern(capacity=0, window=2), 2, 2, 2, 6),
+    "unbounded window (grows)": (sd.Pattern(VideoLayout(2, 4, (1, 2), 1), sink=sd.Sink(1),
+                                            window=sd.LocalWindow(None, sd.TopK(k=2))), 2, 1, 1,
+                                 2 * rc.GROWTH_START_CHUNKS + 2),
+}
+TRITON_DEVICE = "cuda" if CUDA else "cpu"
+
+
+def assert_states_close(a, b, where=""):
+    """Integer tables and K/V copies equal; fp32 sums (representatives, scores) close."""
+    assert a["step"] == b["step"]
+    for la, lb in zip(a["layers"], b["layers"]):
+        for name in rc._TENSORS:
+            x, y = la[name].cpu(), lb[name].cpu()
+            if name in ("slot_score", "k_rep"):
+                assert torch.allclose(x, y, atol=1e-5, rtol=1e-5), f"{name} {where}"
+            else:
+                assert torch.equal(x, y), f"{name} {where}"
+        for name in rc._INTS:
+            assert la[name] == lb[name], f"{name} {where}"
+
+
+@pytest.mark.skipif(not (CUDA or INTERPRETER), reason="needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("name", list(TRITON_COMMIT_CASES))
+def test_triton_commit_matches_torch(name):
+    """The Triton commit (fused importance, generated update with the window shift, the
+    chunk writer) leaves exactly the torch commit's state after every chunk, two layers."""
+    pattern, heads, kv_heads, batch, steps = TRITON_COMMIT_CASES[name]
     caches = []
     for backend in ("torch", "triton"):
-        program = program_of(pattern, heads=2, kv_heads=2, backend=backend)
-        cache = program.new_cache(1, 1, "cpu", torch.float32)
-        for q, k, v in chunks_of(program.schedule, 1, 5, 4):
-            cache.commit(0, q.float(), k.float(), v.float())
-        caches.append(cache.state_dict())
-    a, b = caches
-    for name in rc._TENSORS:
-        x, y = a["layers"][0][name], b["layers"][0][name]
-        if name in ("slot_score", "k_rep"):
-            assert torch.allclose(x, y, atol=1e-5), name
+        program = program_of(pattern, heads=heads, kv_heads=kv_heads, backend=backend)
+        caches.append(program.new_cache(batch, 2, TRITON_DEVICE, torch.float32))
+    assert caches[1]._fast is not None and caches[0]._fast is None
+    for t, (q, k, v) in enumerate(chunks_of(caches[0].schedule, batch, 5, steps)):
+        q, k, v = (x.float().to(TRITON_DEVICE) for x in (q, k, v))
+        for cache in caches:
+            for layer in range(2):
+                cache.commit(layer, q, k, v)
+        assert_states_close(caches[0].state_dict(), caches[1].state_dict(), f"after chunk {t}")
+
+
+@pytest.mark.skipif(CUDA or not INTERPRETER, reason="interpreter test (the reference is on the CPU)")
+@pytest.mark.parametrize("name", ["per-head GQA", "sink>chunk", "no persistent memory"])
+def test_triton_rollout_matches_reference(name, poison):
+    """The Triton commit against the float64 reference: tables, pool contents, scores."""
+    pattern, heads, kv_heads, batch, steps = TRITON_COMMIT_CASES[name]
+    program = program_of(pattern, heads=heads, kv_heads=kv_heads, backend="triton")
+    run_rollout(program, 9, steps, batch, attention=False)
+
+
+def _specialisation_key(fn, args, kwargs):
+    """What Triton's JIT keys its compiled kernels on, for one launch: constexpr values,
+    integer specialisation (== 1, divisible by 16, i32 / i64) unless do_not_specialize,
+    tensor dtypes and 16-byte alignment, launch options (num_warps)."""
+    import inspect
+
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    params = inspect.signature(fn.fn).parameters
+    dns = set((fn.kwargs.get("do_not_specialize") or ()))
+    bound = dict(zip(params, args))
+    bound.update({k: v for k, v in kwargs.items() if k in params})
+    key = []
+    for i, (name, param) in enumerate(params.items()):
+        value = bound[name]
+        if "constexpr" in str(param.annotation):
+            key.append((name, "constexpr", value))
+        elif isinstance(value, torch.Tensor):
+            key.append((name, str(value.dtype), value.data_ptr() % 16 == 0))
+        elif isinstance(value, int) and not isinstance(value, bool):
+            specialise = name not in dns and i not in dns
+            key.append((name, native_specialize_impl(BaseBackend, value, False, specialise, True)))
         else:
-            assert torch.equal(x, y), name
+            key.append((name, type(value).__name__))
+    options = tuple(sorted((k, v) for k, v in kwargs.items() if k not in params))
+    return fn.fn.__name__, tuple(key), options
+
+
+@pytest.fixture
+def kernel_compiles(monkeypatch):
+    """A list that receives one entry per kernel compile Triton would do: on a GPU the
+    compiles themselves (jit_post_compile_hook), in the interpreter the launches with a
+    specialisation key not seen before."""
+    compiles = []
+    if CUDA:
+        import triton
+
+        monkeypatch.setattr(triton.knobs.runtime, "jit_post_compile_hook",
+                            lambda **kw: compiles.append(kw["fn"].name))
+        return compiles
+    from triton.runtime.interpreter import InterpretedFunction
+
+    seen = set()
+    original = InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        key = _specialisation_key(self, args, kwargs)
+        if key not in seen:
+            seen.add(key)
+            compiles.append(key)
+        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    return compiles
+
+
+@pytest.mark.skipif(not (CUDA or INTERPRETER), reason="needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_steady_state_commits_compile_nothing(chunk, kernel_compiles):
+    """After the memory is full, a commit changes only runtime integers (AGE0 = (t+1)*c - 1
+    every step, which is divisible by 16 every 16 steps): nothing may be recompiled."""
+    layout = VideoLayout(2, 4, (1, 2), chunk)
+    pattern = small_pattern(importance - age / 100, shared=False, capacity=4, window=chunk + 1,
+                            chunk=chunk, layout=layout)
+    program = program_of(pattern, heads=2, kv_heads=2, backend="triton")
+    s = program.schedule
+    cache = program.new_cache(1, 1, TRITON_DEVICE, torch.float32)
+    q, k, v = (x.float().to(TRITON_DEVICE) for x in chunks_of(s, 1, 1, 1)[0])
+    warm = rc.steady_frames(s) // chunk + 1
+    for _ in range(warm):
+        cache.commit(0, q, k, v)
+    if not CUDA:  # (on a GPU, earlier tests may have compiled these kernels already)
+        assert kernel_compiles, "the warm-up launched no Triton kernel"
+    kernel_compiles.clear()
+    ages = []
+    while cache.step < warm + 17:
+        ages.append(rc.step_plan(s, cache.step).age0)
+        cache.commit(0, q, k, v)
+    assert any(a % 16 == 0 for a in ages) and any(a % 16 for a in ages)
+    assert kernel_compiles == [], f"steady-state commits compiled: {kernel_compiles}"
 
 
 # ---------------------------------------------------------------------------------------

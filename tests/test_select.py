@@ -337,6 +337,51 @@ def test_block_importance_many_query_tiles():
         torch.testing.assert_close(got.double(), ref, rtol=2e-5, atol=2e-5)
 
 
+@SETTINGS
+@given(st.integers(1, 2), st.integers(1, 2), st.integers(1, 2), st.integers(1, 11),
+       st.sampled_from([(4, 4), (6, 8), (16, 16)]), st.integers(0, 6), st.integers(0, 8),
+       st.booleans(), st.integers(0, 2**31 - 1))
+def test_commit_importance_matches_reference(B, hkv, group, NQB, bt_d, na, nwin, padded_q, seed):
+    """The commit's fused launch: query representatives from the tokens (a prefix of each
+    block is real; the rest holds NaN), the domain read from two tables (persistent then
+    window); the partial sums over the query tiles add up to the float64 importance."""
+    bt, D = bt_d
+    gen = torch.Generator().manual_seed(seed)
+    H = hkv * group
+    nd = na + nwin
+    amax, wmax = na + 2, nwin + 3
+    nslots = nd + 4
+    x = torch.randn(B, H, NQB, bt, D, generator=gen)
+    valid = torch.randint(1 if not padded_q else 0, bt + 1, (NQB,), generator=gen).int()
+    for n in range(NQB):
+        x[:, :, n, int(valid[n]):] = NAN
+    k_pool = torch.randn(B, hkv, nslots, D, generator=gen)
+    dom_a = torch.full((B, hkv, amax), -7, dtype=torch.int32)   # padding garbage
+    dom_b = torch.full((B, hkv, wmax), nslots + 5, dtype=torch.int32)
+    dom = torch.zeros(B, hkv, nd, dtype=torch.int32)
+    for b in range(B):
+        for g in range(hkv):
+            perm = torch.randperm(nslots, generator=gen)
+            dom[b, g] = perm[:nd].int()
+            dom_a[b, g, :na], dom_b[b, g, :nwin] = dom[b, g, :na], dom[b, g, na:]
+            for s in perm[nd:].tolist():
+                k_pool[b, g, s] = NAN
+    scale = 1.0 / math.sqrt(D)
+    q_rep_ref = ref_representatives(x, valid)
+    ref = ref_importance(q_rep_ref, k_pool, dom, nd, scale)
+    ndom = amax + wmax
+    launch = sel.CommitImportance(NQB, bt, D, ndom)
+    q_rep = torch.zeros(B, H, NQB, D, device=DEVICE)
+    part = torch.full((B, H, launch.n_tiles, ndom), NAN, device=DEVICE)
+    tokens = x.reshape(B, H, NQB * bt, D).to(DEVICE)
+    launch.launch(tokens, valid.to(DEVICE), q_rep, k_pool.to(DEVICE), dom_a.to(DEVICE), na,
+                  dom_b.to(DEVICE), nd, part, scale, group)
+    torch.testing.assert_close(q_rep.cpu().double(), q_rep_ref, rtol=1e-5, atol=1e-6)
+    got = part.cpu().double().sum(dim=2)
+    assert (got[..., nd:] == 0).all()
+    torch.testing.assert_close(got[..., :nd], ref, rtol=2e-5, atol=2e-5)
+
+
 # ====================================================================================
 # block_representatives
 # ====================================================================================
