@@ -55,7 +55,8 @@ k=42, NQB=84 (or 36):
     to the lower position). Top k: either k rounds of a row max (~106 SASS instructions
     a round: 8 thread-local compares, 2 shuffles, one cross-warp step) or one bitonic
     tl.sort of the row (~3.3K instructions at BLOCK_W=256); SELECT_TOPK_ALGO="auto"
-    sorts when k > log2(BLOCK_W)^2 / 2 (32 here, the measured crossover), so k=42 sorts.
+    sorts when k > 1.5 * log2(BLOCK_W)^2 (96 here; on the H100 rounds won at every measured
+    k up to 111), so k=42 takes rounds.
     Per warp: ~3.7K instructions for the scores (32 d-steps), ~3.3K for the top k,
     ~90 per static entry for the membership -> an estimated 5-10 us per call, one launch,
     no mask tensor, no host sync (with check_values=False), picks written in place.
@@ -95,9 +96,11 @@ _NEG_INF_IMAGE = -2139095041      # order-preserving int32 image of float32 -inf
 _LOW31 = 0x7FFFFFFF            # low word of a key: _LOW31 - position
 SELECT_DC = 4                     # d elements per gather (16-byte fp32 loads)
 # Top-k algorithm of the select kernel: "rounds" (k rounds of a row max), "sort" (one
-# bitonic tl.sort of the row), or "auto": sort when k > log2(BLOCK_W)^2 / 2 on a GPU
-# (the crossover measured in sm_90 SASS at BLOCK_W=256 is k ~ 32), rounds in the
-# interpreter (where tl.sort costs ~0.5 s per call). Tests set it to cover both.
+# bitonic tl.sort of the row), or "auto": sort when k > 1.5 * log2(BLOCK_W)^2 on a GPU
+# (H100, bench/gpu_program.py: rounds was faster at every measured point, k = 28 and 111
+# at BLOCK_W = 512 and k = 42 at 256; the instruction-count estimate had put the crossover
+# at k ~ 32), rounds in the interpreter (where tl.sort costs ~0.5 s per call). Tests set
+# it to cover both.
 SELECT_TOPK_ALGO = "auto"
 _INT64_MIN = -(2**63)
 
@@ -436,7 +439,7 @@ def _use_sort(kmax: int, block_w: int) -> bool:
         return SELECT_TOPK_ALGO == "sort"
     if _interpreter_active():
         return False
-    return kmax > (block_w.bit_length() - 1) ** 2 // 2
+    return kmax > 3 * (block_w.bit_length() - 1) ** 2 // 2
 
 
 def select_topk(q_rep, k_rep_pool, window_slots, window_count, static_pos, static_count,
@@ -567,9 +570,67 @@ def block_importance(q_rep, k_rep_pool, domain_slots, domain_count, scale, *,
 
 
 # ==================================================================================
+# 4. the commit's importance (internal: the rollout cache's hot path, no checks)
+# ==================================================================================
+class CommitImportance:
+    """`block_importance` of a commit in one launch, from the chunk's query tokens.
+
+    Fixed per cache: the query-block count, block tokens, head dim and domain width, hence
+    the tiles (one compile per pattern). `launch` writes the query representatives to
+    `q_rep` and the per-tile partial column sums to `part` [B, H, n_tiles, NDOM]; the sum
+    over the tiles and heads is left to the update kernel (no reduction launch).
+    """
+
+    def __init__(self, nqb: int, block_tokens: int, head_dim: int, ndom: int):
+        if ndom > _MAX_TRITON_POSITIONS:
+            raise ValueError(f"CommitImportance: ndom = {ndom} domain entries, the Triton kernel "
+                             f"holds at most {_MAX_TRITON_POSITIONS} per program")
+        self.nqb, self.bt, self.d, self.ndom = nqb, block_tokens, head_dim, ndom
+        self.block_n, self.block_q, self.warps = _tile_config(ndom, nqb)
+        self.n_tiles = -(-nqb // self.block_q)
+        self.block_d = min(_pow2(head_dim, 1), 128)
+        self.block_t = max(1, min(_pow2(block_tokens, 1), 4096 // self.block_d))
+        self.bt_ceil = -(-block_tokens // self.block_t) * self.block_t
+
+    def launch(self, x, valid, q_rep, k_rep_pool, dom_a, n_a, dom_b, n_d, part, scale, group):
+        """x [B, H, NQB * bt, d] query tokens (tile-major), valid int32 [NQB]; q_rep float32
+        [B, H, NQB, d] and part float32 [B, H, n_tiles, NDOM] outputs; the domain is
+        dom_a[..., :n_a] then dom_b[..., :n_d - n_a] (pool slots of k_rep_pool)."""
+        B, H = x.shape[:2]
+        sx_b, sx_h, sx_r, sx_d = x.stride()
+        _commit_importance_kernel[(self.n_tiles, H, B)](
+            x, valid, q_rep, k_rep_pool, dom_a, dom_b, part,
+            self.nqb, self.bt, n_a, n_d, self.ndom, k_rep_pool.shape[2], group,
+            scale * 1.4426950408889634,
+            sx_b, sx_h, sx_r * self.bt, sx_r, sx_d, valid.stride(0),
+            *q_rep.stride(), *k_rep_pool.stride(), *dom_a.stride(), *dom_b.stride(),
+            *part.stride(),
+            D=self.d, DC=SELECT_DC, BLOCK_Q=self.block_q, BLOCK_N=self.block_n,
+            BT_CEIL=self.bt_ceil, BLOCK_T=self.block_t, BLOCK_D=self.block_d,
+            num_warps=self.warps)
+
+
+# ==================================================================================
 # Triton kernels
 # ==================================================================================
 if triton is not None:
+
+    @triton.jit
+    def _block_mean(x_base, sx_t, sx_d, nv, BT, o_base, so_d, D: tl.constexpr,
+                    BT_CEIL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        # mean of the first nv (clamped to [0, BT]) tokens of one block, fp32, stored at o_base
+        nv = tl.minimum(tl.maximum(nv, 0), BT)
+        denom = tl.maximum(nv, 1).to(tl.float32)
+        for d0 in tl.static_range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = d < D
+            acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)   # reduced once, at the end
+            for t0 in range(0, BT_CEIL, BLOCK_T):
+                t = t0 + tl.arange(0, BLOCK_T)
+                m = (t < nv)[:, None] & d_ok[None, :]
+                xt = tl.load(x_base + t[:, None] * sx_t + d[None, :] * sx_d, mask=m, other=0.0)
+                acc += xt.to(tl.float32)
+            tl.store(o_base + d * so_d, tl.sum(acc, axis=0) / denom, mask=d_ok)
 
     @triton.jit
     def _block_representatives_kernel(
@@ -584,20 +645,9 @@ if triton is not None:
         h = tl.program_id(1).to(tl.int64)
         b = tl.program_id(2).to(tl.int64)
         nv = tl.load(valid_ptr + b * sv_b + h * sv_h + n * sv_n)
-        nv = tl.minimum(tl.maximum(nv, 0), BT)
-        x_base = x_ptr + b * sx_b + h * sx_h + n * sx_n
-        o_base = out_ptr + b * so_b + h * so_h + n * so_n
-        denom = tl.maximum(nv, 1).to(tl.float32)
-        for d0 in tl.static_range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            d_ok = d < D
-            acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)   # reduced once, at the end
-            for t0 in range(0, BT_CEIL, BLOCK_T):
-                t = t0 + tl.arange(0, BLOCK_T)
-                m = (t < nv)[:, None] & d_ok[None, :]
-                xt = tl.load(x_base + t[:, None] * sx_t + d[None, :] * sx_d, mask=m, other=0.0)
-                acc += xt.to(tl.float32)
-            tl.store(o_base + d * so_d, tl.sum(acc, axis=0) / denom, mask=d_ok)
+        _block_mean(x_ptr + b * sx_b + h * sx_h + n * sx_n, sx_t, sx_d, nv, BT,
+                    out_ptr + b * so_b + h * so_h + n * so_n, so_d,
+                    D, BT_CEIL, BLOCK_T, BLOCK_D)
 
     @triton.jit
     def _select_topk_kernel(
@@ -690,32 +740,12 @@ if triton is not None:
                  tl.minimum(count + n_take, MAXV), mask=q_ok)
 
     @triton.jit
-    def _block_importance_kernel(
-        q_ptr, kp_ptr, ds_ptr, out_ptr,
-        NQB, ND, NDOM, NSLOTS, GROUP, scale_log2e,
-        sq_b, sq_h, sq_q, sq_d,
-        sk_b, sk_h, sk_s, sk_d,
-        sd_b, sd_h, sd_j,
-        so_b, so_h, so_t, so_j,
-        D: tl.constexpr, DC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):
-        # One program = (b, h, tile t of BLOCK_Q query blocks): the column sums over the
-        # tile of the row softmax over the domain, written to partial[b, h, t, :]. Same tile
-        # layout as the select kernel: [BLOCK_Q query blocks, BLOCK_N domain entries].
-        t = tl.program_id(0)
-        h = tl.program_id(1)
-        b = tl.program_id(2).to(tl.int64)
-        g = (h // GROUP).to(tl.int64)
-        h = h.to(tl.int64)
-        qb = t * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        q_ok = qb < NQB
-        j = tl.arange(0, BLOCK_N)
-        j_ok = j < ND
-        slot = tl.load(ds_ptr + b * sd_b + g * sd_h + j * sd_j, mask=j_ok, other=0)
-        s_ok = j_ok & (slot >= 0) & (slot < NSLOTS)        # never read outside the pool
-
-        k_row = kp_ptr + b * sk_b + g * sk_h + slot.to(tl.int64) * sk_s
-        q_row = q_ptr + b * sq_b + h * sq_h + qb.to(tl.int64) * sq_q
+    def _importance_colsum(q_row, sq_d, q_ok, k_row, sk_d, s_ok, j_ok, scale_log2e,
+                           D: tl.constexpr, DC: tl.constexpr, BLOCK_Q: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+        # Column sums over a tile of query blocks of the row softmax over the domain. Tile
+        # [BLOCK_Q query blocks, BLOCK_N domain entries], the select kernel's layout; q_row /
+        # k_row are the row pointers of the query / key representatives.
         dc = tl.arange(0, DC)
         k_ptrs = tl.broadcast_to(k_row[None, :, None], [BLOCK_Q, BLOCK_N, DC]) + dc[None, None, :] * sk_d
         k_mask = tl.broadcast_to(s_ok[None, :, None], [BLOCK_Q, BLOCK_N, DC])
@@ -726,11 +756,91 @@ if triton is not None:
             kd = tl.load(k_ptrs + d0 * sk_d, mask=k_mask & d_ok, other=0.0)
             qd = tl.load(q_ptrs + d0 * sq_d, mask=q_ok[:, None, None] & d_ok, other=0.0)
             scores += tl.sum(kd * qd, axis=2)
-
         z = tl.where(j_ok[None, :], scores * scale_log2e, float("-inf"))
         m = tl.max(z, axis=1)
         e = tl.exp2(z - m[:, None])
         prob = e / tl.sum(e, axis=1)[:, None]
-        colsum = tl.sum(tl.where(q_ok[:, None], prob, 0.0), axis=0)
+        return tl.sum(tl.where(q_ok[:, None], prob, 0.0), axis=0)
+
+    @triton.jit
+    def _domain_slots(da_row, sa_j, db_row, sb_j, NA, ND, NSLOTS, BLOCK_N: tl.constexpr):
+        # domain entry j < ND: da[j] for j < NA, else db[j - NA]; s_ok: a readable pool slot
+        j = tl.arange(0, BLOCK_N)
+        j_ok = j < ND
+        in_a = j < NA
+        slot_a = tl.load(da_row + j * sa_j, mask=j_ok & in_a, other=0)
+        slot_b = tl.load(db_row + (j - NA) * sb_j, mask=j_ok & (j >= NA), other=0)
+        slot = tl.where(in_a, slot_a, slot_b)
+        s_ok = j_ok & (slot >= 0) & (slot < NSLOTS)        # never read outside the pool
+        return j, j_ok, slot, s_ok
+
+    @triton.jit(do_not_specialize=("NQB", "ND"))
+    def _block_importance_kernel(
+        q_ptr, kp_ptr, ds_ptr, out_ptr,
+        NQB, ND, NDOM, NSLOTS, GROUP, scale_log2e,
+        sq_b, sq_h, sq_q, sq_d,
+        sk_b, sk_h, sk_s, sk_d,
+        sd_b, sd_h, sd_j,
+        so_b, so_h, so_t, so_j,
+        D: tl.constexpr, DC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        # One program = (b, h, tile t of BLOCK_Q query blocks): the column sums over the
+        # tile of the row softmax over the domain, written to partial[b, h, t, :].
+        t = tl.program_id(0)
+        h = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        g = (h // GROUP).to(tl.int64)
+        h = h.to(tl.int64)
+        qb = t * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        q_ok = qb < NQB
+        ds_row = ds_ptr + b * sd_b + g * sd_h
+        j, j_ok, slot, s_ok = _domain_slots(ds_row, sd_j, ds_row, sd_j, ND, ND, NSLOTS, BLOCK_N)
+        k_row = kp_ptr + b * sk_b + g * sk_h + slot.to(tl.int64) * sk_s
+        q_row = q_ptr + b * sq_b + h * sq_h + qb.to(tl.int64) * sq_q
+        colsum = _importance_colsum(q_row, sq_d, q_ok, k_row, sk_d, s_ok, j_ok, scale_log2e,
+                                    D, DC, BLOCK_Q, BLOCK_N)
+        tl.store(out_ptr + b * so_b + h * so_h + t * so_t + j * so_j,
+                 tl.where(j_ok, colsum, 0.0), mask=j < NDOM)
+
+    # the domain counts change while the memory fills: not specialised (no compile per step)
+    @triton.jit(do_not_specialize=("NQB", "BT", "NA", "ND"))
+    def _commit_importance_kernel(
+        x_ptr, valid_ptr, qr_ptr, kp_ptr, da_ptr, db_ptr, out_ptr,
+        NQB, BT, NA, ND, NDOM, NSLOTS, GROUP, scale_log2e,
+        sx_b, sx_h, sx_n, sx_t, sx_d, sv_n,
+        sr_b, sr_h, sr_q, sr_d,
+        sk_b, sk_h, sk_s, sk_d,
+        sa_b, sa_h, sa_j,
+        sdb_b, sdb_h, sdb_j,
+        so_b, so_h, so_t, so_j,
+        D: tl.constexpr, DC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+        BT_CEIL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # `block_importance` of the commit, in one launch: the program first writes the
+        # representatives of its query blocks (from the tokens x) to qr, then reads them
+        # back (its own writes, after a barrier); the domain is da[:NA] then db[:ND - NA]
+        # (the persistent table, then the window table: no concatenation launch).
+        t = tl.program_id(0)
+        h = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        g = (h // GROUP).to(tl.int64)
+        h = h.to(tl.int64)
+        qr_head = qr_ptr + b * sr_b + h * sr_h
+        for i in range(0, BLOCK_Q):
+            qbi = t * BLOCK_Q + i
+            if qbi < NQB:
+                nv = tl.load(valid_ptr + qbi * sv_n)
+                _block_mean(x_ptr + b * sx_b + h * sx_h + qbi.to(tl.int64) * sx_n, sx_t, sx_d,
+                            nv, BT, qr_head + qbi.to(tl.int64) * sr_q, sr_d,
+                            D, BT_CEIL, BLOCK_T, BLOCK_D)
+        tl.debug_barrier()                             # the representatives are written
+        qb = t * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        q_ok = qb < NQB
+        j, j_ok, slot, s_ok = _domain_slots(da_ptr + b * sa_b + g * sa_h, sa_j,
+                                            db_ptr + b * sdb_b + g * sdb_h, sdb_j,
+                                            NA, ND, NSLOTS, BLOCK_N)
+        k_row = kp_ptr + b * sk_b + g * sk_h + slot.to(tl.int64) * sk_s
+        colsum = _importance_colsum(qr_head + qb.to(tl.int64) * sr_q, sr_d, q_ok, k_row, sk_d,
+                                    s_ok, j_ok, scale_log2e, D, DC, BLOCK_Q, BLOCK_N)
         tl.store(out_ptr + b * so_b + h * so_h + t * so_t + j * so_j,
                  tl.where(j_ok, colsum, 0.0), mask=j < NDOM)
