@@ -39,6 +39,8 @@ ap.add_argument("--denoise", type=int, default=4, help="denoising passes per chu
 ap.add_argument("--horizons", default="21,84,240", help="latent frames")
 ap.add_argument("--timed-steps", type=int, default=10)
 ap.add_argument("--tiny", action="store_true", help="CPU smoke test at a toy size")
+ap.add_argument("--tile", default="8x8",
+                help="tile HxW of the sparse preset (8x8: the preset's; 16x4 pads a 30x52 frame less)")
 ap.add_argument("--profile-commit", action="store_true",
                 help="only profile the host side of cache.commit (cProfile, top functions)")
 ARGS = ap.parse_args()
@@ -72,8 +74,10 @@ def setup():
         pattern = sd.presets.sparse_forcing(layout=layout, capacity=6, window_frames=6)
         heads, head_dim, dense_frames = 2, 16, 21
     else:
-        layout = sd.presets.SELF_FORCING_LAYOUT
-        pattern = sd.presets.sparse_forcing()
+        th, tw = (int(x) for x in ARGS.tile.lower().split("x"))
+        base = sd.presets.SELF_FORCING_LAYOUT
+        layout = VideoLayout(base.height, base.width, (th, tw), base.chunk_frames)
+        pattern = sd.presets.sparse_forcing(layout=layout)
         heads, head_dim, dense_frames = 12, 128, 21
     program = sd.compile(pattern, num_heads=heads, head_dim=head_dim,
                          dtype="bfloat16" if CUDA else "float32",
