@@ -145,13 +145,8 @@ def update_cost(program):
         commit_step(cache, q, k, v)
     sync()
     steps = ARGS.timed_steps
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        commit_step(cache, q, k, v)
-    sync()
-    commit_wall = (time.perf_counter() - t0) / steps * 1e3       # ms per chunk, all layers
     # host time: issuing one chunk's commits into an empty queue (synchronised between
-    # chunks, so a full launch queue never blocks the host)
+    # chunks, so a full launch queue never blocks the host); also a second warm-up
     issue = 0.0
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -159,11 +154,26 @@ def update_cost(program):
         issue += time.perf_counter() - t0
         sync()
     host_layer = issue / steps / L * 1e3                          # ms per layer commit
+    walls = []
+    for _ in range(3):  # wall clock of `steps` chunks back to back; the median of three runs
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            commit_step(cache, q, k, v)
+        sync()
+        walls.append((time.perf_counter() - t0) / steps * 1e3)   # ms per chunk, all layers
+    commit_wall = sorted(walls)[1]
     dev = device_ms(lambda: commit_step(cache, q, k, v), 3)
     attn = bench_ms(lambda: program.attention(q, k, v, cache.tables(0), validate=False))
+    by_algo = {}
+    if CUDA:  # the select kernel's two Top-K algorithms, for the record
+        from codegen import select as select_ops
+        for algo in ("rounds", "sort"):
+            select_ops.SELECT_TOPK_ALGO = algo
+            by_algo[algo] = bench_ms(lambda: program.attention(q, k, v, cache.tables(0), validate=False))
+        select_ops.SELECT_TOPK_ALGO = "auto"
     passes = ARGS.denoise + 1
     chunk_attn = attn * passes * L
-    return dict(commit_wall=commit_wall, host_layer=host_layer, commit_dev=dev, attn_layer=attn,
+    return dict(commit_wall=commit_wall, host_layer=host_layer, commit_dev=dev, attn_layer=attn, by_algo=by_algo,
                 chunk_attn=chunk_attn,
                 passes=passes, step=cache.step, nslots=cache.nslots)
 
@@ -322,7 +332,9 @@ def main():
     log("")
     log(f"Attention of one layer at step {u['step']}: {u['attn_layer']:.3f} ms (median); a chunk "
         f"= {u['passes']} passes ({ARGS.denoise} denoising + 1 clean) x {ARGS.layers} layers = "
-        f"{u['chunk_attn']:.2f} ms (one layer timed, scaled: all layers have the same shapes).")
+        f"{u['chunk_attn']:.2f} ms (one layer timed, scaled: all layers have the same shapes)."
+        + ("" if not u["by_algo"] else " With the select kernel's Top-K forced to one algorithm: "
+           + ", ".join(f"{a} {t:.3f} ms" for a, t in u["by_algo"].items()) + "."))
     log("")
     log("| commit of one chunk, all layers | time per chunk | share of the chunk's attention | target |")
     log("| --- | --- | --- | --- |")

@@ -496,7 +496,8 @@ def test_triton_update_kernel_matches_torch(expr, ties, split):
             assert a["free_list"][bb, g, 25:30].tolist() == losers
     if split:   # the same scores as the one-table form; the window advanced by 3
         ur.update_step(rule, backend="torch", capacity=7, **plain)
-        assert torch.equal(a["scores"].cpu(), plain["scores"])
+        # plain ran on the CPU: exp and sums may differ from the device's in the last bit
+        assert torch.allclose(a["scores"].cpu(), plain["scores"], rtol=1e-6, atol=1e-7)
         for r in results:
             assert torch.equal(r["window_shift"][0][..., :5].cpu(), old_window[..., 3:8].cpu())
             assert torch.equal(r["window_shift"][0][..., 5:].cpu(), old_window[..., 5:].cpu())
