@@ -663,6 +663,31 @@ def _dkdv_program(
 
 
 @triton.jit
+def _visitor_tile(Q, DO, LSE, DELTA, CUR_VALID, VISITORS, q_desc, do_desc, it, b, BLOCK_M: tl.constexpr):
+    """Row tile `it` of the visitors of a key block (transposed schedule): its Q and dO
+    (padded rows zeroed), LSE in log2 units (+inf on padded rows: P = 0 there), DELTA,
+    and its first row in the 2-D [rows, D] view."""
+    QSUB: tl.constexpr = @BT@ // BLOCK_M
+    offs_mt = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    vis = tl.load(VISITORS + it // QSUB)  # h * NQB + qb
+    qsub = it % QSUB
+    q_row = (b * (H * NQB) + vis) * BT + qsub * BLOCK_M
+    rows = q_row + offs_mt
+    q = q_desc.load([q_row, 0])  #? DESC
+    do = do_desc.load([q_row, 0])  #? DESC
+    q = tl.load(Q + rows.to(tl.int64)[:, None] * D + offs_d[None, :])  #? PTR
+    do = tl.load(DO + rows.to(tl.int64)[:, None] * D + offs_d[None, :])  #? PTR
+    lse2 = tl.load(LSE + rows) * LOG2E
+    delta = tl.load(DELTA + rows)
+    row_ok = qsub * BLOCK_M + offs_mt < tl.load(CUR_VALID + vis % NQB)  #? PAD
+    q = tl.where(row_ok[:, None], q, tl.zeros_like(q))  #? PAD
+    do = tl.where(row_ok[:, None], do, tl.zeros_like(do))  #? PAD
+    lse2 = tl.where(row_ok, lse2, float("inf"))  #? PAD
+    return q, do, lse2, delta, q_row
+
+
+@triton.jit
 def _dkdv_item(Q, DO, LSE, DELTA, CUR_VALID, VISITORS, KX, VX, q_desc, do_desc, k_desc, v_desc,
                kv_row, n_valid, ksub, b, e_lo, e_hi, sm_scale,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr, OVERLAP: tl.constexpr):
@@ -672,7 +697,6 @@ def _dkdv_item(Q, DO, LSE, DELTA, CUR_VALID, VISITORS, KX, VX, q_desc, do_desc, 
     rows are zeroed at the end."""
     QSUB: tl.constexpr = @BT@ // BLOCK_M
     offs_d = tl.arange(0, D)
-    offs_mt = tl.arange(0, BLOCK_M)
     k = k_desc.load([kv_row, 0])  #? DESC
     v = v_desc.load([kv_row, 0])  #? DESC
     kv_offs = (kv_row.to(tl.int64) + tl.arange(0, BLOCK_N))[:, None] * D + offs_d[None, :]  #? PTR
@@ -685,20 +709,8 @@ def _dkdv_item(Q, DO, LSE, DELTA, CUR_VALID, VISITORS, KX, VX, q_desc, do_desc, 
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     for it in tl.range(e_lo * QSUB, e_hi * QSUB, warp_specialize=WARP_SPEC):
-        vis = tl.load(VISITORS + it // QSUB)  # h * NQB + qb
-        qsub = it % QSUB
-        q_row = (b * (H * NQB) + vis) * BT + qsub * BLOCK_M
-        rows = q_row + offs_mt
-        q = q_desc.load([q_row, 0])  #? DESC
-        do = do_desc.load([q_row, 0])  #? DESC
-        q = tl.load(Q + rows.to(tl.int64)[:, None] * D + offs_d[None, :])  #? PTR
-        do = tl.load(DO + rows.to(tl.int64)[:, None] * D + offs_d[None, :])  #? PTR
-        lse2 = tl.load(LSE + rows) * LOG2E
-        delta = tl.load(DELTA + rows)
-        row_ok = qsub * BLOCK_M + offs_mt < tl.load(CUR_VALID + vis % NQB)  #? PAD
-        q = tl.where(row_ok[:, None], q, tl.zeros_like(q))  #? PAD
-        do = tl.where(row_ok[:, None], do, tl.zeros_like(do))  #? PAD
-        lse2 = tl.where(row_ok, lse2, float("inf"))  #? PAD
+        q, do, lse2, delta, q_row = _visitor_tile(Q, DO, LSE, DELTA, CUR_VALID, VISITORS, q_desc, do_desc,
+                                                  it, b, BLOCK_M)
         if OVERLAP:
             dk, dv = _dkdv_update2(dk, dv, k, v, q, do, lse2, delta, qk_scale)
         else:
@@ -757,7 +769,6 @@ def _bwd_atomic_item(Q, DO, LSE, DELTA, DQ_ACC, CUR_VALID, VISITORS, KX, VX, q_d
     into the same query rows at the same time."""
     QSUB: tl.constexpr = @BT@ // BLOCK_M
     offs_d = tl.arange(0, D)
-    offs_mt = tl.arange(0, BLOCK_M)
     k = k_desc.load([kv_row, 0])  #? DESC
     v = v_desc.load([kv_row, 0])  #? DESC
     kv_offs = (kv_row.to(tl.int64) + tl.arange(0, BLOCK_N))[:, None] * D + offs_d[None, :]  #? PTR
@@ -773,20 +784,8 @@ def _bwd_atomic_item(Q, DO, LSE, DELTA, DQ_ACC, CUR_VALID, VISITORS, KX, VX, q_d
     n_it = (e_hi - e_lo) * QSUB
     for i in tl.range(0, n_it):
         it = e_lo * QSUB + (i + rot) % n_it
-        vis = tl.load(VISITORS + it // QSUB)  # h * NQB + qb
-        qsub = it % QSUB
-        q_row = (b * (H * NQB) + vis) * BT + qsub * BLOCK_M
-        rows = q_row + offs_mt
-        q = q_desc.load([q_row, 0])  #? DESC
-        do = do_desc.load([q_row, 0])  #? DESC
-        q = tl.load(Q + rows.to(tl.int64)[:, None] * D + offs_d[None, :])  #? PTR
-        do = tl.load(DO + rows.to(tl.int64)[:, None] * D + offs_d[None, :])  #? PTR
-        lse2 = tl.load(LSE + rows) * LOG2E
-        delta = tl.load(DELTA + rows)
-        row_ok = qsub * BLOCK_M + offs_mt < tl.load(CUR_VALID + vis % NQB)  #? PAD
-        q = tl.where(row_ok[:, None], q, tl.zeros_like(q))  #? PAD
-        do = tl.where(row_ok[:, None], do, tl.zeros_like(do))  #? PAD
-        lse2 = tl.where(row_ok, lse2, float("inf"))  #? PAD
+        q, do, lse2, delta, q_row = _visitor_tile(Q, DO, LSE, DELTA, CUR_VALID, VISITORS, q_desc, do_desc,
+                                                  it, b, BLOCK_M)
         qkT = tl.dot(k, tl.trans(q)@PREC@)
         dpT = tl.dot(v, tl.trans(do)@PREC@)
         pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
@@ -798,6 +797,7 @@ def _bwd_atomic_item(Q, DO, LSE, DELTA, DQ_ACC, CUR_VALID, VISITORS, KX, VX, q_d
         if DQ_TMA:
             dq_desc.atomic_add([q_row, 0], dq)
         else:
+            rows = q_row + tl.arange(0, BLOCK_M)
             tl.atomic_add(DQ_ACC + rows.to(tl.int64)[:, None] * D + offs_d[None, :], dq, sem="relaxed")
     dk = dk * sm_scale
     dk = tl.where(kv_ok[:, None], dk, 0.0)  #? PAD
