@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import sys
 import time
@@ -409,7 +408,6 @@ def phase_sweep(density=0.25):
     fl_f = 4 * spec.block_tokens**2 * spec.head_dim * n_pairs
     args = [t[k] for k in ARGN]
     scale = spec.head_dim ** -0.5
-    res = {}
     best = {}
     log("| kernel | config | ms | TFLOP/s |")
     log("|---|---|---|---|")

@@ -12,6 +12,7 @@ lse is differentiable too (its gradient folds into the softmax backward).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
@@ -75,11 +76,7 @@ def _resolve_backend(backend: str, q: torch.Tensor) -> str:
         raise ValueError(f"backend = {backend!r} must be one of {BACKENDS}")
     if backend == "auto":
         if q.is_cuda or interpreter_active():
-            try:
-                import triton  # noqa: F401
-            except ImportError:
-                return "torch"
-            return "triton"
+            return "triton" if importlib.util.find_spec("triton") is not None else "torch"
         return "torch"
     if backend == "triton" and not q.is_cuda and not interpreter_active():
         raise ValueError(

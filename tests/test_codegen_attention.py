@@ -30,7 +30,6 @@ from hypothesis import strategies as st  # noqa: E402
 
 from codegen import cache as kcache  # noqa: E402
 from codegen import launch  # noqa: E402
-from codegen import torch_backend  # noqa: E402
 from codegen.autograd import pbsa_attention  # noqa: E402
 from codegen.kernel_spec import AttentionKernelSpec, KernelConfig  # noqa: E402
 from codegen.render import render_attention_source  # noqa: E402

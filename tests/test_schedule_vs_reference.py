@@ -17,9 +17,10 @@ def _check_step(schedule, state, block_mask, step):
             per_head_total = 0
             for qb in range(lay.chunk_blocks):
                 allowed = set(torch.nonzero(block_mask[b, h, qb]).flatten().tolist())
-                static = set(schedule.static_window_blocks(step, qb))
-                if schedule.window.split.mode == "intersection":
-                    static = set()
+                if schedule.window.split.mode != "intersection":
+                    # union (or static only): every static window block is attended
+                    static = set(schedule.static_window_blocks(step, qb))
+                    assert static <= allowed, "a static window block is not attended"
                 candidates = set(schedule.topk_candidates(step, qb))
                 picks = sorted(allowed & candidates)
                 # the reference's dynamic picks are candidates of the schedule, as many as it says
