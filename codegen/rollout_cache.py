@@ -54,6 +54,8 @@ no host synchronisation (every count is a host integer known from the schedule):
   3. the chunk's blocks that stay (window, or sink) are written into free slots (K, V and
      key representatives), and the sink / window tables advance (window_slots shifted so
      that position p stays block w_start*nb + p).
+Modules: sizes and the per-step plan in codegen/cache_plan.py, the GPU commit in
+codegen/triton_commit.py, snapshots and the picture in codegen/memory_picture.py.
 Backend "triton": three launches per layer (`_TritonCommit`: fused importance, the
 generated update kernel, which also shifts the window table, and `_write_chunk_kernel`),
 with every per-step integer a runtime argument that Triton does not specialise on, so a
@@ -70,26 +72,19 @@ a commit past `max_frames`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from sparsedsl.schedule import Schedule
-
 from . import select as select_ops
+from .cache_plan import (StepPlan, _kv_blocks, expected_nbytes, peak_blocks, steady_frames,
+                         step_plan)
+from .memory_picture import MemorySnapshot, draw_memory, simulate_memory
 from .tables import BlockTables
-from .update_rule import launch_update_kernel, load_update_rule, update_step
-
-try:  # the torch path works without triton
-    import triton
-    import triton.language as tl
-except Exception:  # pragma: no cover - triton missing
-    triton = None
-    tl = None
+from .triton_commit import _TritonCommit
+from .update_rule import load_update_rule, update_step
 
 FORMAT_VERSION = 1
 #: Test switch: fill freed pool slots with NaN, so that a table still pointing at a freed
@@ -122,105 +117,6 @@ def check_tables(program, tables: BlockTables) -> None:
 
 
 # ==================================================================================
-# sizes and the per-step plan (host integers, pure functions of the schedule)
-# ==================================================================================
-@lru_cache(maxsize=256)
-def _kv_blocks_fn(schedule: Schedule):
-    import sympy
-    from sparsedsl.shapes import T
-    return sympy.lambdify(T, schedule.shapes.kv_blocks, modules="math")
-
-
-def _kv_blocks(schedule: Schedule, frames: int) -> int:
-    """shapes.kv_blocks(T = frames): blocks held per KV head after `frames` committed frames
-    (the sympy formula, lambdified once per schedule)."""
-    return int(round(_kv_blocks_fn(schedule)(frames)))
-
-
-def _round_frames(schedule: Schedule, frames: int) -> int:
-    c = schedule.chunk_frames
-    return -(-frames // c) * c
-
-
-def steady_frames(schedule: Schedule) -> Optional[int]:
-    """Frames after which a bounded pattern holds its peak (None: unbounded window)."""
-    if schedule.window.frames is None:
-        return None
-    nb = schedule.blocks_per_frame
-    return _round_frames(schedule, schedule.sink_frames + schedule.window.frames
-                         + -(-schedule.capacity // nb) + schedule.chunk_frames)
-
-
-def peak_blocks(schedule: Schedule, max_frames: Optional[int] = None) -> int:
-    """Blocks held per KV head at the peak of a rollout: shapes.kv_blocks(T_peak).
-
-    T_peak = min(max_frames rounded up to whole chunks, steady state); an unbounded window
-    needs max_frames (or the cache's growth policy)."""
-    steady = steady_frames(schedule)
-    if max_frames is None:
-        if steady is None:
-            raise ValueError("an unbounded window has no peak: give max_frames")
-        return _kv_blocks(schedule, steady)
-    frames = _round_frames(schedule, max_frames)
-    if steady is not None:
-        frames = min(frames, steady)
-    return _kv_blocks(schedule, frames)
-
-
-def expected_nbytes(program, batch: int, num_layers: int, dtype: torch.dtype,
-                    max_frames: Optional[int] = None) -> int:
-    """K/V pool bytes of `program.new_cache(...)`, from the sympy formula."""
-    s = program.schedule
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return (num_layers * batch * s.num_kv_heads * peak_blocks(s, max_frames) * 2
-            * program.kernel_block_tokens * program.kernel_head_dim * itemsize)
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """What the commit of chunk `step` does to one layer's tables (block counts)."""
-
-    step: int
-    n_sink_old: int          # sink blocks before / after
-    n_sink_new: int
-    nw: int                  # window blocks before / after
-    nw_new: int
-    n_drop: int              # window positions [0, n_drop) leave the window (E_t when updating)
-    chunk_sink: int          # chunk blocks [0, chunk_sink) become sink blocks
-    chunk_keep_start: int    # chunk blocks [chunk_keep_start, chunk_blocks) enter the window
-    age0: int                # (t+1)*c - 1
-    chunk_blocks: int        # c * nb
-
-    @property
-    def chunk_kept(self) -> tuple[int, ...]:
-        """Chunk blocks written to the pool: the new sink blocks, then the window's."""
-        return tuple(range(self.chunk_sink)) + tuple(range(self.chunk_keep_start,
-                                                           self.chunk_blocks))
-
-
-@lru_cache(maxsize=4096)
-def step_plan(schedule: Schedule, step: int) -> StepPlan:
-    c, nb, S = schedule.chunk_frames, schedule.blocks_per_frame, schedule.sink_frames
-    t0, t1 = step * c, (step + 1) * c
-    ws, we = schedule.window_frames_range(step)
-    ws1, we1 = schedule.window_frames_range(step + 1)
-    n_drop = max(0, min(we, ws1) - ws) * nb
-    chunk_sink = max(0, min(S, t1) - t0) * nb
-    keep_start = (max(ws1, t0) - t0) * nb
-    plan = StepPlan(step=step, n_sink_old=min(S, t0) * nb, n_sink_new=min(S, t1) * nb,
-                    nw=(we - ws) * nb, nw_new=(we1 - ws1) * nb, n_drop=n_drop,
-                    chunk_sink=chunk_sink, chunk_keep_start=keep_start, age0=t1 - 1,
-                    chunk_blocks=c * nb)
-    # consistency with the schedule's own definitions (cheap, host-only)
-    assert plan.nw_new == plan.nw - n_drop + c * nb - keep_start, plan
-    assert plan.n_sink_new - plan.n_sink_old == chunk_sink, plan
-    if schedule.update is not None:
-        e0, e1 = schedule.evicted_frames(step)
-        assert (e1 - e0) * nb == n_drop and (n_drop == 0 or e0 == ws), (plan, e0, e1)
-    return plan
-
-
-# ==================================================================================
 # one layer's state
 # ==================================================================================
 class _Layer:
@@ -248,204 +144,15 @@ class _Layer:
     def nslots(self) -> int:
         return self.k_pool.shape[2]
 
-
-@dataclass(frozen=True)
-class MemorySnapshot:
-    """What one layer holds after `frames` committed frames (the memory chunk `step` sees).
-
-    persistent[(b, g)] = {block: score}; sink / window are frame ranges [start, end).
-    """
-
-    step: int
-    frames: int
-    blocks_per_frame: int
-    sink: tuple[int, int]
-    window: tuple[int, int]
-    persistent: dict = field(default_factory=dict)
-
-    def frame_counts(self, b: int = 0) -> dict[int, float]:
-        """Persistent blocks per frame, averaged over the KV heads of batch element b."""
-        keys = [k for k in self.persistent if k[0] == b]
-        counts: dict[int, float] = {}
-        for key in keys:
-            for block in self.persistent[key]:
-                f = block // self.blocks_per_frame
-                counts[f] = counts.get(f, 0.0) + 1.0 / len(keys)
-        return counts
+    def free_dropped_window(self, plan: StepPlan, n_free0: int) -> None:
+        """No persistent memory: the blocks leaving the window go back to the free list."""
+        dropped = self.window_slots[..., :plan.n_drop].long()
+        self.free_list[..., n_free0:n_free0 + plan.n_drop] = self.window_slots[..., :plan.n_drop]
+        self.slot_block.scatter_(2, dropped, -1)
+        self.slot_valid.scatter_(2, dropped, 0)
+        self.slot_score.scatter_(2, dropped, 0.0)
 
 
-# ==================================================================================
-# the commit on the GPU: three launches, nothing recompiled at steady state
-# ==================================================================================
-class _TritonCommit:
-    """The Triton commit of one cache (backend "triton"): per layer and step
-
-      1. `select.CommitImportance`: the chunk's query representatives and the importance
-         partial sums over P_t ∪ window_t, read from the persistent and window tables;
-      2. the generated update kernel: importance averaged over the heads, scores, Top-C,
-         tables rewritten, losers freed, the window table shifted by the evicted blocks;
-      3. `_write_chunk_kernel`: the kept chunk blocks into the slots on top of the free
-         list (K, V, key representatives, slot_block, slot_valid) and into the sink /
-         window tables.
-    Everything that does not change from step to step (tiles, scratch, views, the valid
-    counts on the device) is made here once; what changes (counts, AGE0, free-list top,
-    the chunk's first block) is passed as runtime integers that Triton does not
-    specialise on, so a steady-state commit compiles nothing. No host synchronisation.
-    """
-
-    def __init__(self, cache: "RolloutCache"):
-        s = cache.schedule
-        B, H, HKV = cache.batch, s.num_heads, s.num_kv_heads
-        dev = cache.device
-        self.cache = cache
-        self.group = H // HKV
-        self.cur_valid = cache._cur_valid
-        self.write = _ChunkWriter(cache.bt, cache.d)
-        self.importance = None
-        if s.update is not None:
-            ndom = cache._dom.shape[2]
-            imp = self.importance = select_ops.CommitImportance(cache.nqb, s.layout.block_tokens,
-                                                                 s.head_dim, ndom)
-            self.q_rep = torch.zeros(B, H, cache.nqb, s.head_dim, dtype=torch.float32, device=dev)
-            self.part = torch.zeros(B, H, imp.n_tiles, ndom, dtype=torch.float32, device=dev)
-            # the update kernel sums the rows of one set: its query heads x tiles, or all
-            # heads when the set is shared (a stride-0 view over the KV heads)
-            if s.update.shared_heads:
-                self.imp_rows = self.part.view(B, 1, H * imp.n_tiles, ndom).expand(
-                    B, HKV, H * imp.n_tiles, ndom)
-                self.imp_scale = 1.0 / H
-            else:
-                self.imp_rows = self.part.view(B, HKV, self.group * imp.n_tiles, ndom)
-                self.imp_scale = 1.0 / self.group
-
-    def commit(self, L: _Layer, plan: StepPlan, q, k, v) -> None:
-        cache, s = self.cache, self.cache.schedule
-        n_free0 = L.n_free
-        freed = 0
-        kept_old = plan.nw - plan.n_drop
-        if s.update is not None:
-            np_, nc = L.n_persistent, L.n_persistent + plan.n_drop
-            if nc:
-                self.importance.launch(q, self.cur_valid, self.q_rep, L.k_rep, L.persistent_slots,
-                                       np_, L.window_slots, np_ + plan.nw, self.part,
-                                       cache.program.scale, self.group)
-                shift = (L.window_slots, plan.n_drop, kept_old if plan.n_drop else 0)
-                launch_update_kernel(cache.rule, self.imp_rows, self.imp_scale, L.persistent_slots,
-                                     L.window_slots, np_, nc, s.capacity, cache.nb, plan.age0,
-                                     L.slot_block, L.slot_score, L.slot_valid,
-                                     L.persistent_slots, L.persistent_count, L.free_list,
-                                     n_free0, cache._scores, cache._block_n, shift)
-                L.n_persistent = min(nc, s.capacity)
-                freed = nc - L.n_persistent
-        elif plan.n_drop:
-            _free_dropped_window(L, plan, n_free0)
-            if kept_old:
-                L.window_slots[..., :kept_old] = L.window_slots[..., plan.n_drop:plan.nw].clone()
-            freed = plan.n_drop
-        if POISON_FREED and freed:
-            cache._poison(L, n_free0, freed)
-        L.n_free += freed
-        m = plan.chunk_sink + plan.chunk_blocks - plan.chunk_keep_start
-        if m:
-            self.write.launch(L, plan, k, v, self.cur_valid, L.n_free, m, kept_old,
-                              s.chunk_start_frame(plan.step) * cache.nb)
-            L.n_free -= m
-
-
-def _free_dropped_window(L: _Layer, plan: StepPlan, n_free0: int) -> None:
-    """No persistent memory: the blocks leaving the window go back to the free list."""
-    dropped = L.window_slots[..., :plan.n_drop].long()
-    L.free_list[..., n_free0:n_free0 + plan.n_drop] = L.window_slots[..., :plan.n_drop]
-    L.slot_block.scatter_(2, dropped, -1)
-    L.slot_valid.scatter_(2, dropped, 0)
-    L.slot_score.scatter_(2, dropped, 0.0)
-
-
-class _ChunkWriter:
-    """Launches `_write_chunk_kernel` for pools of BT x D blocks (tiles fixed per cache)."""
-
-    def __init__(self, pool_tokens: int, pool_dim: int):
-        self.bt_pool, self.d_pool = pool_tokens, pool_dim
-        self.block_d = min(triton.next_power_of_2(pool_dim), 128)
-        self.block_t = max(1, min(triton.next_power_of_2(pool_tokens), 4096 // self.block_d))
-        self.warps = 8 if self.block_t * self.block_d >= 4096 else 4
-
-    def launch(self, L: _Layer, plan: StepPlan, k, v, valid, top: int, m: int, win_at: int,
-               first: int) -> None:
-        """The m kept blocks (chunk blocks [0, chunk_sink) then [keep_start, ...)) into the
-        slots free_list[..., top - m:top]; sink / window table entries from n_sink_old /
-        win_at on; global block id = first + chunk block."""
-        B, HKV, _, d = k.shape
-        bt = k.shape[2] // plan.chunk_blocks
-        _write_chunk_kernel[(m, HKV, B)](
-            k, v, valid, L.free_list, L.k_pool, L.v_pool, L.k_rep, L.slot_block, L.slot_valid,
-            L.sink_slots, L.window_slots,
-            top - m, plan.chunk_sink, plan.chunk_keep_start, first, plan.n_sink_old, win_at,
-            bt, d,
-            *k.stride(), *v.stride(), valid.stride(0), *L.free_list.stride(), *L.k_pool.stride(),
-            *L.k_rep.stride(), *L.slot_block.stride(), *L.sink_slots.stride(),
-            *L.window_slots.stride(),
-            BT=self.bt_pool, D=self.d_pool, BLOCK_T=self.block_t, BLOCK_D=self.block_d,
-            num_warps=self.warps)
-
-
-if triton is not None:
-
-    # every integer changes with the step or the plan: none is specialised (no recompiles)
-    @triton.jit(do_not_specialize=("POP_AT", "CHUNK_SINK", "KEEP_START", "FIRST", "SINK_AT",
-                                   "WIN_AT", "bt", "d"))
-    def _write_chunk_kernel(
-        k_ptr, v_ptr, valid_ptr, fl_ptr, kp_ptr, vp_ptr, kr_ptr, sb_ptr, sv_ptr, sink_ptr, win_ptr,
-        POP_AT, CHUNK_SINK, KEEP_START, FIRST, SINK_AT, WIN_AT, bt, d,
-        sk_b, sk_h, sk_r, sk_d,
-        sv_b, sv_h, sv_r, sv_d,
-        sval,
-        sf_b, sf_h, sf_n,
-        sp_b, sp_h, sp_s, sp_t, sp_d,
-        sr_b, sr_h, sr_s, sr_d,
-        st_b, st_h, st_s,
-        ssk_b, ssk_h, ssk_n,
-        sw_b, sw_h, sw_n,
-        BT: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):
-        # One program = kept block j of (b, g): chunk block c = j for the new sink blocks,
-        # KEEP_START + (j - CHUNK_SINK) for the window's. Copies its bt x d tokens into the
-        # BT x D pool slot popped from the free list (zero padding), its key representative
-        # (mean of the first `valid` tokens, fp32, the representatives kernel's order), the
-        # slot's block id and valid count, and its sink or window table entry.
-        j = tl.program_id(0)
-        g = tl.program_id(1).to(tl.int64)
-        b = tl.program_id(2).to(tl.int64)
-        c = tl.where(j < CHUNK_SINK, j, KEEP_START + j - CHUNK_SINK)
-        slot = tl.load(fl_ptr + b * sf_b + g * sf_h + (POP_AT + j) * sf_n)
-        nv = tl.load(valid_ptr + c * sval)
-        nv = tl.minimum(tl.maximum(nv, 0), bt)
-        row0 = c.to(tl.int64) * bt
-        k_base = k_ptr + b * sk_b + g * sk_h + row0 * sk_r
-        v_base = v_ptr + b * sv_b + g * sv_h + row0 * sv_r
-        pool_off = b * sp_b + g * sp_h + slot.to(tl.int64) * sp_s
-        rep_base = kr_ptr + b * sr_b + g * sr_h + slot.to(tl.int64) * sr_s
-        denom = tl.maximum(nv, 1).to(tl.float32)
-        for d0 in tl.static_range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-            for t0 in tl.static_range(0, BT, BLOCK_T):
-                t = t0 + tl.arange(0, BLOCK_T)
-                src = (t < bt)[:, None] & (dd < d)[None, :]
-                dst = (t < BT)[:, None] & (dd < D)[None, :]
-                xk = tl.load(k_base + t[:, None] * sk_r + dd[None, :] * sk_d, mask=src, other=0.0)
-                xv = tl.load(v_base + t[:, None] * sv_r + dd[None, :] * sv_d, mask=src, other=0.0)
-                at = pool_off + t[:, None] * sp_t + dd[None, :] * sp_d
-                tl.store(kp_ptr + at, xk, mask=dst)
-                tl.store(vp_ptr + at, xv, mask=dst)
-                acc += tl.where((t < nv)[:, None], xk.to(tl.float32), 0.0)
-            tl.store(rep_base + dd * sr_d, tl.sum(acc, axis=0) / denom, mask=dd < D)
-        tl.store(sb_ptr + b * st_b + g * st_h + slot * st_s, FIRST + c)
-        tl.store(sv_ptr + b * st_b + g * st_h + slot * st_s, nv)
-        if j < CHUNK_SINK:
-            tl.store(sink_ptr + b * ssk_b + g * ssk_h + (SINK_AT + j) * ssk_n, slot)
-        else:
-            tl.store(win_ptr + b * sw_b + g * sw_h + (WIN_AT + j - CHUNK_SINK) * sw_n, slot)
 
 
 # ==================================================================================
@@ -640,7 +347,9 @@ class RolloutCache:
         return off
 
     def _poison(self, L: _Layer, n_free0: int, freed: int) -> None:
-        """Test switch POISON_FREED: NaN into the slots just freed."""
+        """Test switch POISON_FREED: NaN into the slots just freed (nothing when it is off)."""
+        if not (POISON_FREED and freed):
+            return
         flat = (self._bg_offsets(L.nslots) + L.free_list[..., n_free0:n_free0 + freed]).reshape(-1)
         L.k_pool.view(-1, self.bt, self.d).index_fill_(0, flat, float("nan"))
         L.v_pool.view(-1, self.bt, self.d).index_fill_(0, flat, float("nan"))
@@ -709,10 +418,9 @@ class RolloutCache:
                 L.n_persistent = min(nc, s.capacity)
                 freed = nc - L.n_persistent
         elif plan.n_drop:
-            _free_dropped_window(L, plan, n_free0)
+            L.free_dropped_window(plan, n_free0)
             freed = plan.n_drop
-        if POISON_FREED and freed:
-            self._poison(L, n_free0, freed)
+        self._poison(L, n_free0, freed)
         L.n_free += freed
 
         # 3. the chunk's kept blocks into free slots (stack top), then the tables
@@ -896,104 +604,6 @@ class RolloutCache:
         return (f"RolloutCache({self.schedule.pattern_name}, step={self.step}, "
                 f"layers={self.num_layers}, batch={self.batch}, slots={self.nslots}, "
                 f"dtype={str(self.dtype).replace('torch.', '')}, device={self.device})")
-
-
-# ==================================================================================
-# a simulated rollout and its picture
-# ==================================================================================
-def simulate_memory(program, steps: int, batch: int = 1, seed: int = 0, device="cpu",
-                    dtype=torch.float32, chunks: Optional[Sequence] = None) -> list[MemorySnapshot]:
-    """Commit `steps` chunks (random q/k/v unless `chunks` gives (q, k, v) per step) through a
-    one-layer cache and return the memory after every step (snapshot i = before chunk i)."""
-    s = program.schedule
-    cache = RolloutCache(program, batch=batch, num_layers=1, device=device, dtype=dtype,
-                         max_frames=(steps + 1) * s.chunk_frames if s.window.frames is None else None)
-    gen = torch.Generator().manual_seed(seed)
-    lay = s.layout
-    n = lay.chunk_blocks * lay.block_tokens
-    valid = lay.valid_token_mask(lay.chunk_frames)[None, None, :, None]
-    snaps = [cache.snapshot()]
-    for t in range(steps):
-        if chunks is not None:
-            q, k, v = (x.to(device=device, dtype=dtype) for x in chunks[t])
-        else:
-            q, k, v = ((torch.randn(batch, h, n, s.head_dim, generator=gen) * valid)
-                       .to(device=device, dtype=dtype)
-                       for h in (s.num_heads, s.num_kv_heads, s.num_kv_heads))
-        cache.commit(0, q, k, v)
-        snaps.append(cache.snapshot())
-    return snaps
-
-
-def draw_memory(snapshots: Sequence[MemorySnapshot], path=None, *, batch: int = 0,
-                title: Optional[str] = None):
-    """Which blocks of which frames are in memory over a rollout, as a PNG at `path`.
-
-    x = AR step t (the memory that chunk t attends to), y = frame; a cell is coloured by
-    the number of that frame's blocks in the persistent set (mean over KV heads of batch
-    element `batch`; exact for shared sets), purple for sink frames, green for window
-    frames, light grey for frames that left the window with no block kept, white for
-    frames not generated yet. Returns the path (or the Figure when path is None).
-    Needs only the snapshots (plain data) and matplotlib.
-    """
-    import numpy as np
-    from matplotlib.colors import ListedColormap, Normalize
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
-    if not snapshots:
-        raise ValueError("draw_memory: no snapshots")
-    nb = snapshots[0].blocks_per_frame
-    steps = len(snapshots)
-    n_frames = max(max(sn.frames for sn in snapshots), 1)
-    rgba = np.ones((n_frames, steps, 4))
-    counts = np.full((n_frames, steps), np.nan)
-    sink_c, win_c, gone_c = (np.array(to_rgba) for to_rgba in
-                             ((0.506, 0.447, 0.702, 1.0), (0.333, 0.659, 0.408, 1.0),
-                              (0.9, 0.9, 0.9, 1.0)))
-    from matplotlib import colormaps
-    cmap = ListedColormap(colormaps["YlOrRd"](np.linspace(0.12, 1.0, 256)))
-    norm = Normalize(vmin=0.0, vmax=float(nb))
-    total_p = []
-    for x, sn in enumerate(snapshots):
-        fc = sn.frame_counts(batch)
-        total_p.append(sum(fc.values()))
-        for f in range(sn.frames):
-            if sn.sink[0] <= f < sn.sink[1]:
-                rgba[f, x] = sink_c
-            elif sn.window[0] <= f < sn.window[1]:
-                rgba[f, x] = win_c
-            elif fc.get(f, 0.0) > 0:
-                counts[f, x] = fc[f]
-                rgba[f, x] = cmap(norm(fc[f]))
-            else:
-                rgba[f, x] = gone_c
-    height = min(12.0, max(4.0, n_frames * 0.06 + 2.5))
-    width = min(16.0, max(8.0, steps * 0.08 + 3.0))
-    fig = Figure(figsize=(width, height), dpi=120)
-    ax = fig.add_axes((0.09, 0.12, 0.74, 0.76))
-    ax.imshow(rgba, origin="lower", aspect="auto", interpolation="nearest",
-              extent=(-0.5, steps - 0.5, -0.5, n_frames - 0.5))
-    ax.set_xlabel("AR step t (memory seen by chunk t)")
-    ax.set_ylabel("latent frame")
-    cax = fig.add_axes((0.86, 0.12, 0.025, 0.76))
-    from matplotlib.cm import ScalarMappable
-    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax,
-                 label=f"blocks of the frame in the persistent set (of {nb})")
-    handles = [Patch(facecolor=sink_c, label="sink"), Patch(facecolor=win_c, label="window"),
-               Patch(facecolor=gone_c, edgecolor="#a0a0a0", label="dropped (no block kept)"),
-               Patch(facecolor="white", edgecolor="#a0a0a0", label="not generated yet")]
-    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
-    last = snapshots[-1]
-    fig.suptitle(title or f"persistent memory over {steps - 1} AR steps\n"
-                          f"({last.frames} frames, {nb} blocks/frame; "
-                          f"{total_p[-1]:.0f} persistent blocks at the end)", fontsize=10)
-    if path is None:
-        return fig
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
 
 
 __all__ = ["RolloutCache", "CacheTables", "MemorySnapshot", "StepPlan", "step_plan",
