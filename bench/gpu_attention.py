@@ -366,6 +366,8 @@ def fwd_candidates():
         ("desc straight 64x128 w4 s2 auto-split", base.replace(fwd_block_m=64, fwd_warps=4, fwd_stages=2)),
         ("desc straight 128x64 w8 s3 auto-split", base.replace(fwd_block_n=64)),
         ("desc straight 128x64 w4 s3 auto-split", base.replace(fwd_block_n=64, fwd_warps=4)),
+        # the Gluon forward (codegen/gluon_forward.py): producer warp + two consumer warpgroups
+        ("gluon warp-specialised 2x64, 3-stage TMA ring (sm_90)", base.replace(fwd_gluon=True, fwd_kv_splits=1)),
     ]
     if ARGS.sweep_set == "small":
         c = c[:3]
@@ -508,7 +510,8 @@ def phase_sweep(density=0.25):
     cfg = launch.default_config(spec, torch.device(DEV))
     if f:
         fc = f[2]
-        cfg = cfg.replace(variant=fc.variant, warp_specialize=fc.warp_specialize, fwd_block_m=fc.fwd_block_m,
+        cfg = cfg.replace(variant=fc.variant, warp_specialize=fc.warp_specialize, fwd_gluon=fc.fwd_gluon,
+                          fwd_block_m=fc.fwd_block_m,
                           fwd_block_n=fc.fwd_block_n, fwd_warps=fc.fwd_warps, fwd_stages=fc.fwd_stages,
                           fwd_kv_splits=fc.fwd_kv_splits, fwd_overlap=fc.fwd_overlap)
     if d:
@@ -647,7 +650,7 @@ def phase_splits():
     for density in [float(x) for x in ARGS.densities.split(",")]:
         spec, t, vis, n_pairs = bench_problem(density)
         args = [t[k] for k in ARGN]
-        base = launch.default_config(spec, torch.device(DEV))
+        base = launch.default_config(spec, torch.device(DEV)).replace(fwd_gluon=False)  # Triton's splits
         times = []
         for splits in (1, 2, 3, 4):
             cfg = base.replace(fwd_kv_splits=splits)

@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from . import gluon_forward
 from .cache import load_attention_kernels
 from .kernel_spec import AttentionKernelSpec, KernelConfig
 from .transpose import build_transposed_schedule
@@ -78,7 +79,7 @@ def default_config(spec: AttentionKernelSpec, device: torch.device) -> KernelCon
         ).fitted(spec)
     return KernelConfig(
         variant="desc" if hopper else "ptr",
-        warp_specialize=False,
+        warp_specialize=False, fwd_gluon=hopper,
         fwd_block_m=128, fwd_block_n=128, fwd_warps=8, fwd_stages=3, fwd_kv_splits=0, fwd_overlap=False,
         dq_block_m=128, dq_block_n=128, dq_warps=8, dq_stages=2, dq_overlap=False,
         dkdv_block_m=64, dkdv_block_n=128, dkdv_warps=8, dkdv_stages=2, dkdv_overlap=True,
@@ -182,6 +183,15 @@ def _auto_splits(n_programs: int, device: torch.device, spec: AttentionKernelSpe
     return best
 
 
+_GLUON_BROKEN: set = set()
+
+
+def _use_gluon(cfg: KernelConfig, spec: AttentionKernelSpec, q, tensors) -> bool:
+    """The Gluon forward when the config asks for it, it applies, and it has not failed before."""
+    return (cfg.fwd_gluon and cfg.fwd_kv_splits <= 1 and not interpreter_active()
+            and spec not in _GLUON_BROKEN and gluon_forward.supported(spec, q, tensors))
+
+
 def _pool_or_dummy(spec, B, k_pool, v_pool, slot_valid):
     """Kernels always get a non-empty pool (an empty pool is never read: counts are 0)."""
     if k_pool.shape[2] > 0:
@@ -210,9 +220,19 @@ def attention_forward(
         cfg, spec, q, B * H * NQB * BT, B * spec.num_kv_heads * nslots * BT,
         (q, k_cur, v_cur, k_pool, v_pool),
     )
-    mod = load_attention_kernels(spec, variant)
     o = _out_like(q)
     lse = _out(B, H, NQB, BT, dtype=torch.float32, device=q.device)
+    if _use_gluon(cfg, spec, q, (q, k_cur, v_cur, k_pool, v_pool)):
+        try:
+            return gluon_forward.attention_forward(spec, q, k_cur, v_cur, k_pool, v_pool, visit_slots,
+                                                   visit_count, scale, o, lse)
+        except Exception as e:  # a Triton without this Gluon API: the Triton forward, once warned
+            import warnings
+
+            warnings.warn(f"Gluon forward failed ({type(e).__name__}: {str(e)[:200]}); using the "
+                          "generated Triton forward", RuntimeWarning)
+            _GLUON_BROKEN.add(spec)
+    mod = load_attention_kernels(spec, variant)
     bm, bn = cfg.fwd_block_m, cfg.fwd_block_n
     n_prog = B * H * NQB * (BT // bm)
     splits = cfg.fwd_kv_splits or _auto_splits(n_prog, q.device, spec, cfg)

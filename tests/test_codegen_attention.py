@@ -479,3 +479,35 @@ def test_torch_and_triton_backends_agree_on_gqa_causal_bf16():
     for backend in ("triton", "torch"):
         got = run_with_grads(spec, prob, backend, go, glse, None, True)
         check_against_reference(spec, prob, got, ref, TOL["bfloat16"])
+
+
+SM90 = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
+
+
+@gpu
+@pytest.mark.skipif(not SM90, reason="the Gluon forward needs an sm_90 (Hopper) GPU")
+@pytest.mark.parametrize("hkv, current, dtype", [(4, "dense", "bfloat16"), (1, "causal", "float16"),
+                                                 (2, "causal", "bfloat16")])
+def test_gpu_gluon_forward_matches_reference(hkv, current, dtype, monkeypatch):
+    """The Hopper Gluon forward (default on sm_90 for unpadded 128-token blocks): output, LSE
+    and the gradients of the backward that consumes its LSE, against float64; and the same
+    numbers as the generated Triton forward on identical inputs."""
+    from codegen import gluon_forward
+
+    spec = AttentionKernelSpec(128, 128, 4, hkv, dtype, 2, 3, current, 8, False)
+    prob = make_problem(spec, 2, 12, seed=5)
+    assert gluon_forward.supported(spec, prob["q"], [prob[k] for k in FLOATS])
+    calls = []
+    real = gluon_forward.attention_forward
+    monkeypatch.setattr(gluon_forward, "attention_forward", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(6)
+    go = torch.randn(prob["q"].shape, generator=g).to(DEVICE)
+    glse = torch.randn(prob["q"].shape[:-1], generator=g).to(DEVICE)
+    scale = spec.head_dim**-0.5
+    ref = reference_with_grads(spec, prob, go, glse, scale, True)
+    got = run_with_grads(spec, prob, "triton", go, glse, None, True)
+    assert calls, "the default config on sm_90 must take the Gluon forward"
+    check_against_reference(spec, prob, got, ref, TOL[dtype])
+    triton_fwd = run_with_grads(spec, prob, "triton", go, glse, None, True,
+                                launch.default_config(spec, torch.device(DEVICE)).replace(fwd_gluon=False))
+    assert rel_err(got[0], triton_fwd[0]) <= 1e-2 and rel_err(got[1], triton_fwd[1]) <= 1e-5
