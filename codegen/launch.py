@@ -71,7 +71,7 @@ def default_config(spec: AttentionKernelSpec, device: torch.device) -> KernelCon
         # Self-Forcing geometry (bench/gpu_program.py --tune64): forward 1.22 ms vs 3.17 ms with
         # the 128-token settings, forward+backward 3.99 ms vs 8.42 ms.
         return KernelConfig(
-            variant="ptr", warp_specialize=False,
+            variant="ptr", warp_specialize=False, fwd_gluon=hopper,
             fwd_block_m=64, fwd_block_n=64, fwd_warps=4, fwd_stages=3, fwd_kv_splits=0,
             fwd_overlap=False, dq_block_m=64, dq_block_n=64, dq_warps=4, dq_stages=2,
             dq_overlap=False, dkdv_block_m=64, dkdv_block_n=64, dkdv_warps=4, dkdv_stages=2,
@@ -224,8 +224,8 @@ def attention_forward(
     lse = _out(B, H, NQB, BT, dtype=torch.float32, device=q.device)
     if _use_gluon(cfg, spec, q, (q, k_cur, v_cur, k_pool, v_pool)):
         try:
-            return gluon_forward.attention_forward(spec, q, k_cur, v_cur, k_pool, v_pool, visit_slots,
-                                                   visit_count, scale, o, lse)
+            return gluon_forward.attention_forward(spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool,
+                                                   slot_valid, visit_slots, visit_count, scale, o, lse)
         except Exception as e:  # a Triton without this Gluon API: the Triton forward, once warned
             import warnings
 

@@ -486,15 +486,18 @@ SM90 = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
 
 @gpu
 @pytest.mark.skipif(not SM90, reason="the Gluon forward needs an sm_90 (Hopper) GPU")
-@pytest.mark.parametrize("hkv, current, dtype", [(4, "dense", "bfloat16"), (1, "causal", "float16"),
-                                                 (2, "causal", "bfloat16")])
-def test_gpu_gluon_forward_matches_reference(hkv, current, dtype, monkeypatch):
-    """The Hopper Gluon forward (default on sm_90 for unpadded 128-token blocks): output, LSE
-    and the gradients of the backward that consumes its LSE, against float64; and the same
-    numbers as the generated Triton forward on identical inputs."""
+@pytest.mark.parametrize("bt, hkv, current, dtype, padding", [
+    (128, 4, "dense", "bfloat16", False), (128, 1, "causal", "float16", False),
+    (128, 2, "causal", "bfloat16", False), (64, 2, "dense", "bfloat16", True),
+    (64, 4, "causal", "float16", True), (64, 1, "dense", "bfloat16", False)])
+def test_gpu_gluon_forward_matches_reference(bt, hkv, current, dtype, padding, monkeypatch):
+    """The Hopper Gluon forwards (default on sm_90: unpadded 128-token blocks; 64-token blocks
+    with padding, whose padded K/V/Q rows hold NaN and inf here): output, LSE and the
+    gradients of the backward that consumes its LSE, against float64; and the same numbers
+    as the generated Triton forward on identical inputs."""
     from codegen import gluon_forward
 
-    spec = AttentionKernelSpec(128, 128, 4, hkv, dtype, 2, 3, current, 8, False)
+    spec = AttentionKernelSpec(bt, 128, 4, hkv, dtype, 2, 3, current, 8, padding)
     prob = make_problem(spec, 2, 12, seed=5)
     assert gluon_forward.supported(spec, prob["q"], [prob[k] for k in FLOATS])
     calls = []
