@@ -159,8 +159,9 @@ class KernelConfig:
     # matmuls per pair; the summation order varies). The launcher uses "ordered" whenever
     # torch.use_deterministic_algorithms(True) is on. The atomic kernel takes the dkdv_* tiles.
     bwd_dq: str = "ordered"
-    # the Gluon forward (codegen/gluon_forward.py, FA3-style warp specialisation) where it
-    # applies: sm_90, bf16/fp16, unpadded 128-token blocks, head dim 128, no explicit KV splits
+    # the Gluon forwards (codegen/gluon_forward.py, FA3-style warp specialisation) where they
+    # apply: sm_90, bf16/fp16, head dim 128, unpadded 128-token or any 64-token blocks, no
+    # explicit KV splits (codegen.gluon_forward.supported)
     fwd_gluon: bool = False
     # atomic dQ adds as TMA bulk reductions instead of per-element atomics (with "desc" loads only)
     dq_atomic_tma: bool = False
