@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import datetime
 import os
-import threading
+import sys
 
 import torch
 import triton
@@ -51,31 +51,26 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from codegen.gluon_forward import (  # noqa: E402  the integrated kernel's building blocks
+    PRODUCER_REGS,
+    _masked_softmax_step,
+    _mma_layout,
+    _visit_valid,
+)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gluon_fwd_probe import Watchdog  # noqa: E402
+
 BLK = 64  # tokens per block (query rows of a program, keys per visited block)
 HEAD_D = 128
 LOG2E = 1.4426950408889634
-NEG = gl.constexpr(-1.0e30)  # masked scores: finite, so a fully masked tile never produces inf - inf
-PRODUCER_REGS = gl.constexpr(24)
 
 
 # -------------------------------------------------------------------------
 # kernel
 # -------------------------------------------------------------------------
-@gluon.constexpr_function
-def _mma_layout(num_warps, n):
-    # one wgmma per 16 rows x n columns; warps stacked along M so a row's max / sum stays in a warp
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16])
 
 
-@gluon.jit
-def _visit_valid(v, n_cur, n, cnt, cur_valid_ptr, sv_row, vis_row, NSLOTS):
-    """Real tokens of visit v (current block v, or pool slot vis_row[v - n_cur]); 0 past the list."""
-    cv = gl.load(cur_valid_ptr + gl.minimum(v, n_cur - 1))
-    p = gl.maximum(gl.minimum(v - n_cur, cnt - 1), 0)
-    slot = gl.minimum(gl.maximum(gl.load(vis_row + p), 0), NSLOTS - 1)
-    pv = gl.load(sv_row + slot)
-    val = gl.where(v < n_cur, cv, pv)
-    return gl.where(v < n, val, 0)
 
 
 @gluon.jit
@@ -126,14 +121,6 @@ def _tile_keep(t, n_cur, n, cnt, cur_valid_ptr, sv_row, vis_row, NSLOTS,
     return keep
 
 
-@gluon.jit
-def _masked_softmax_step(s, keep, m_i, l_i, qk_scale):
-    """Online softmax in log2 units over the kept columns: P (fp32), new m and l, rescale alpha."""
-    s = gl.where(keep[None, :], s * qk_scale, NEG)
-    m_new = gl.maximum(m_i, gl.max(s, axis=1))
-    alpha = gl.exp2(m_i - m_new)
-    p = gl.where(keep[None, :], gl.exp2(s - m_new[:, None]), 0.0)
-    return p, m_new, l_i * alpha + gl.sum(p, axis=1), alpha
 
 
 @gluon.jit
@@ -334,51 +321,14 @@ def ptxas_usage(kernel):
 # -------------------------------------------------------------------------
 # checks and timing on an H100
 # -------------------------------------------------------------------------
-class Watchdog:
-    """A wrong mbarrier phase hangs the GPU forever: give up loudly instead (torch.cuda.synchronize
-    releases the GIL while it waits, so this timer thread still runs)."""
-
-    def __init__(self, what, seconds=180):
-        self.what, self.timer = what, threading.Timer(seconds, self._fire)
-        self.timer.daemon = True
-
-    def _fire(self):
-        print(f"FAIL {self.what}: no result after {self.timer.interval:.0f} s (hang?); exiting", flush=True)
-        os._exit(3)
-
-    def __enter__(self):
-        self.timer.start()
-
-    def __exit__(self, *exc):
-        self.timer.cancel()
-
-
 def build_problem():
-    """The steady-state problem of bench/gpu_program.py `tune_small_blocks()`."""
-    import sparsedsl as sd
-    from codegen.program import PBSAProgram
+    """The steady-state problem of bench/gpu_program.py (`steady_step`, 8x8 tiles)."""
+    from gpu_program import steady_step
 
-    layout = sd.VideoLayout(30, 52, (8, 8), 3)
-    schedule = sd.lower(sd.presets.get("sparse-forcing", layout=layout), num_heads=12,
-                        head_dim=128, dtype="bfloat16")
-    program = PBSAProgram(schedule, backend="triton")
-    cache = program.new_cache(batch=1, num_layers=1, device="cuda", dtype=torch.bfloat16)
-    lay = schedule.layout
-    n = lay.chunk_blocks * lay.block_tokens
-    valid = lay.valid_token_mask(lay.chunk_frames).cuda()[None, None, :, None]
-    g = torch.Generator(device="cuda").manual_seed(0)
-    mk = lambda: (torch.randn(1, 12, n, 128, device="cuda", generator=g) * valid).to(torch.bfloat16)  # noqa: E731
-    for _ in range(8):
-        cache.commit(0, mk(), mk(), mk())
-    tables = cache.tables(0)
-    q, k, v = mk(), mk(), mk()
-    qb, kb, vb = program._blocks(q), program._blocks(k), program._blocks(v)
-    vs, vc = program.visit_tables(qb, tables, tables.step, validate=False)
-    spec = program.kernel_spec(tables.step, "bfloat16")
-    cur_valid = program.cur_valid("cuda")
-    flops = 4 * 64 * 64 * 128 * float(vc.sum().item() + 12 * lay.chunk_blocks ** 2)
-    args = (qb, kb, vb, cur_valid, tables.k_pool, tables.v_pool, tables.slot_valid, vs, vc)
-    return spec, args, program.scale, flops
+    st = steady_step((8, 8))
+    args = (st.qb, st.kb, st.vb, st.cur_valid, st.tables.k_pool, st.tables.v_pool, st.tables.slot_valid,
+            st.vs, st.vc)
+    return st.spec, args, st.program.scale, st.flops
 
 
 def reference(spec, args, scale, heads):
@@ -425,6 +375,7 @@ def compare(name, o, lse, ro, rlse, pad_rows):
 
 def main_gpu():
     from codegen.autograd import pbsa_attention
+    from codegen.launch import default_config
 
     print(f"# Gluon 64-token forward probe on {torch.cuda.get_device_name()}, {datetime.date.today()}, "
           f"triton {triton.__version__}, torch {torch.__version__}")
@@ -441,10 +392,18 @@ def main_gpu():
     pad_sub = pad_ref.expand(len(heads), NQB, BLK)
     pad_all = pad_ref.expand(B, H, NQB, BLK)
 
-    triton_fn = lambda: pbsa_attention(spec, *args, scale, validate=False)  # noqa: E731
+    cfg = default_config(spec, q.device)
+    triton_fn = lambda: pbsa_attention(spec, *args, scale, validate=False,  # noqa: E731
+                                       config=cfg.replace(fwd_gluon=False))
     to, tlse = triton_fn()
     all_ok, _ = compare("triton pbsa vs float64", to[0, heads], tlse[0, heads], ro, rlse, pad_sub)
-    rows = [("triton pbsa (default config)", triton.testing.do_bench(triton_fn, warmup=25, rep=100))]
+    rows = [("triton pbsa (generated Triton forward)", triton.testing.do_bench(triton_fn, warmup=25, rep=100))]
+    # the integrated kernel (codegen/gluon_forward.py: padded V rows zeroed, 2-stage ring)
+    lib_fn = lambda: pbsa_attention(spec, *args, scale, validate=False, config=cfg)  # noqa: E731
+    o, lse = lib_fn()
+    ok, _ = compare("codegen gluon64 (default config) vs float64", o[0, heads], lse[0, heads], ro, rlse, pad_sub)
+    all_ok &= ok
+    rows.append(("codegen gluon64 (default config)", triton.testing.do_bench(lib_fn, warmup=25, rep=100)))
 
     for variant in VARIANTS:
         try:

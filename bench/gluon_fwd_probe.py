@@ -30,6 +30,8 @@ Variants:
             64 of the 128 query rows, each running the same intra-warpgroup pipeline; the two
             consumers drift against each other, so one's softmax runs under the other's wgmmas
             (FA3's ping-pong, but scheduled by the warp scheduler instead of named barriers).
+            This variant won and became codegen/gluon_forward.py; the probe times it there
+            (the default config), on the problem with its current segment kept separate.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from codegen.gluon_forward import _mma_layout, _softmax_step  # noqa: E402  shared with the integrated kernel
+
 BT = 128  # tokens per block (rows of a query block, rows of a key block)
 HEAD_D = 128
 LOG2E = 1.4426950408889634
@@ -57,22 +61,8 @@ LOG2E = 1.4426950408889634
 # -------------------------------------------------------------------------
 # shared pieces
 # -------------------------------------------------------------------------
-@gluon.constexpr_function
-def _mma_layout(num_warps, n):
-    # one wgmma instruction per 16 rows x n columns; warps stacked along M so a row's
-    # reduction (max / sum) stays inside one warp
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16])
 
 
-@gluon.jit
-def _softmax_step(s, m_i, l_i, qk_scale):
-    """Online-softmax update in the log2 domain; returns P (fp32), the new m, l and the
-    rescale factor alpha for the accumulator."""
-    m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-    alpha = gl.exp2(m_i - m_new)
-    p = gl.exp2(s * qk_scale - m_new[:, None])
-    l_new = l_i * alpha + gl.sum(p, axis=1)
-    return p, m_new, l_new, alpha
 
 
 @gluon.jit
@@ -192,134 +182,11 @@ def gluon_fwd_overlap_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, vis_ptr, cn
                o_layout)
 
 
-# -------------------------------------------------------------------------
-# variant "ws": producer warp + two consumer warpgroups (gl.warp_specialize)
-# -------------------------------------------------------------------------
-# register split of the ws variant (per thread): 2 consumer warpgroups + 1 producer warpgroup
-# within the 64K registers of an SM (the default partition gets what maxnreg leaves)
-WS_CONSUMER_REGS = gl.constexpr(240)
-WS_PRODUCER_REGS = gl.constexpr(24)
-WS_MAXNREG = 168
-
-
-@gluon.jit
-def _ws_producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty,
-                 q_row0, kv_row0, vis_row, n, STAGES: gl.constexpr):
-    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-    QROWS: gl.constexpr = q_desc.block_type.shape[0]
-    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row0, 0], q_bar, q_bufs.index(0))
-    tma.async_copy_global_to_shared(q_desc, [q_row0 + QROWS, 0], q_bar, q_bufs.index(1))
-    for t in range(n):
-        slot = t % STAGES
-        # empty barriers start "previous phase complete": the first STAGES waits pass at once
-        ph = ((t // STAGES) & 1) ^ 1
-        row = kv_row0 + gl.load(vis_row + t) * BLOCK_N
-        mbarrier.wait(k_empty.index(slot), ph)
-        mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [row, 0], k_ready.index(slot), k_bufs.index(slot))
-        mbarrier.wait(v_empty.index(slot), ph)
-        mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [row, 0], v_ready.index(slot), v_bufs.index(slot))
-
-
-@gluon.jit
-def _ws_consumer(q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty,
-                 o_ptr, lse_ptr, q_row0, n, qk_scale, WG: gl.constexpr, STAGES: gl.constexpr):
-    """One warpgroup: 64 query rows (half WG of the block) against every visited key block."""
-    BLOCK_M: gl.constexpr = q_bufs.type.shape[1]
-    BLOCK_N: gl.constexpr = k_bufs.type.shape[1]
-    HEAD: gl.constexpr = k_bufs.type.shape[2]
-    s_layout: gl.constexpr = _mma_layout(4, BLOCK_N)
-    o_layout: gl.constexpr = _mma_layout(4, HEAD)
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_l: gl.constexpr = gl.SliceLayout(1, s_layout)
-    q_smem = q_bufs.index(WG)
-
-    mbarrier.wait(q_bar, 0)
-    mbarrier.wait(k_ready.index(0), 0)
-    s_tok = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)),
-                          gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
-    s = warpgroup_mma_wait(0, deps=(s_tok, ))
-    mbarrier.arrive(k_empty.index(0), count=1)
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_l)
-    l_i = gl.zeros([BLOCK_M], gl.float32, row_l)
-    p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale)
-    p = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-    acc = gl.zeros([BLOCK_M, HEAD], gl.float32, o_layout)
-
-    for j in range(1, n):
-        slot = j % STAGES
-        mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
-        s_tok = warpgroup_mma(q_smem, k_bufs.index(slot).permute((1, 0)),
-                              gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
-        pslot = (j - 1) % STAGES
-        mbarrier.wait(v_ready.index(pslot), ((j - 1) // STAGES) & 1)
-        acc_tok = warpgroup_mma(p, v_bufs.index(pslot), acc, is_async=True)
-        s = warpgroup_mma_wait(1, deps=(s_tok, ))
-        mbarrier.arrive(k_empty.index(slot), count=1)  # K_j read: the producer may refill it
-        p_f, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale)
-        p_next = gl.convert_layout(p_f.to(gl.bfloat16), p_layout)
-        acc, p = warpgroup_mma_wait(0, deps=(acc_tok, p))  # keeps P_{j-1} alive until PV retires
-        p = p_next
-        mbarrier.arrive(v_empty.index(pslot), count=1)  # V_{j-1} read
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-
-    last = (n - 1) % STAGES
-    mbarrier.wait(v_ready.index(last), ((n - 1) // STAGES) & 1)
-    acc_tok = warpgroup_mma(p, v_bufs.index(last), acc, is_async=True)
-    acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
-    mbarrier.arrive(v_empty.index(last), count=1)
-    _store_out(acc, gl.convert_layout(m_i, gl.SliceLayout(1, o_layout)),
-               gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), o_ptr, lse_ptr, q_row0 + WG * BLOCK_M,
-               BLOCK_M, HEAD, o_layout)
-
-
-@gluon.jit
-def gluon_fwd_ws_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, vis_ptr, cnt_ptr,
-                        qk_scale, NQ, NBLK, MAXV,
-                        GROUP: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
-    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-    qb = gl.program_id(0)
-    bh = gl.program_id(1)
-    q_row0 = (bh * NQ + qb) * BLOCK_N
-    kv_row0 = (bh // GROUP) * NBLK * BLOCK_N
-    vis_row = vis_ptr + (bh * NQ + qb) * MAXV
-    n = gl.load(cnt_ptr + bh * NQ + qb)
-
-    q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
-    k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
-    v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)  # both consumers must release a slot
-        mbarrier.init(v_empty.index(i), count=2)
-
-    gl.warp_specialize([
-        (_ws_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty,
-                        o_ptr, lse_ptr, q_row0, n, qk_scale, 0, STAGES)),
-        (_ws_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty,
-                        o_ptr, lse_ptr, q_row0, n, qk_scale, 1, STAGES)),
-        (_ws_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty,
-                        v_empty, q_row0, kv_row0, vis_row, n, STAGES)),
-    ], [4, 1], [WS_CONSUMER_REGS, WS_PRODUCER_REGS])
-
-
-
 # name -> (kernel, constexprs, num_warps, extra launch options, q rows per TMA box)
 VARIANTS = {
     "gluon overlap M128 w8 s3": (gluon_fwd_overlap_kernel, dict(BLOCK_M=128, STAGES=3), 8, {}, 128),
     "gluon overlap M128 w8 s2": (gluon_fwd_overlap_kernel, dict(BLOCK_M=128, STAGES=2), 8, {}, 128),
     "gluon overlap M64 w4 s3": (gluon_fwd_overlap_kernel, dict(BLOCK_M=64, STAGES=3), 4, {}, 64),
-    "gluon ws 2x64 s3": (gluon_fwd_ws_kernel, dict(STAGES=3), 4, dict(maxnreg=WS_MAXNREG), 64),
-    "gluon ws 2x64 s2": (gluon_fwd_ws_kernel, dict(STAGES=2), 4, dict(maxnreg=WS_MAXNREG), 64),
 }
 
 
@@ -468,9 +335,12 @@ def main_gpu():
     # our generated Triton forward on the identical problem (current segment + pool)
     args = [t[k] for k in argn]
     cfg = launch.default_config(spec, torch.device("cuda"))
-    triton_cfgs = (("triton pbsa (default config)", cfg),
-                   ("triton pbsa (default, fwd_overlap)", cfg.replace(fwd_overlap=True)),
-                   ("triton pbsa (no kv splits, like the Gluon kernels)", cfg.replace(fwd_kv_splits=1)))
+    tri = cfg.replace(fwd_gluon=False)
+    triton_cfgs = (("triton pbsa (generated Triton forward)", tri),
+                   ("triton pbsa (fwd_overlap)", tri.replace(fwd_overlap=True)),
+                   ("triton pbsa (no kv splits, like the Gluon kernels)", tri.replace(fwd_kv_splits=1)),
+                   # the warp-specialised kernel this probe led to (codegen/gluon_forward.py)
+                   ("codegen gluon ws 2x64 s3 (default config)", cfg))
     for name, c in triton_cfgs:
         try:
             fn = lambda c=c: pbsa_attention(spec, *args, scale=scale, config=c, validate=False)  # noqa: E731

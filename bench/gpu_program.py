@@ -128,57 +128,14 @@ def selection_cost() -> None:
     say("")
 
 
-def program_overhead() -> None:
-    """Where a program step's time goes at Self-Forcing geometry: tables, select, kernel."""
-    say("## One program step at Self-Forcing geometry (sparse-forcing, bf16, H=12, D=128, steady state)")
-    say("")
-    say("| tile (block tokens) | visits/query block | kernel only ms | visit tables + select ms | "
-        "program.attention ms (validate=False) | program.attention ms (validate=True) | kernel TFLOP/s |")
-    say("|---|---|---|---|---|---|---|")
-    from codegen.program import PBSAProgram
-    for tile in ((8, 8), (8, 16)):
-        layout = sd.VideoLayout(30, 52, tile, 3)
-        schedule = sd.lower(sd.presets.get("sparse-forcing", layout=layout), num_heads=12,
-                            head_dim=128, dtype="bfloat16")
-        program = PBSAProgram(schedule, backend="triton")
-        cache = program.new_cache(batch=1, num_layers=1, device="cuda", dtype=torch.bfloat16)
-        lay = schedule.layout
-        n = lay.chunk_blocks * lay.block_tokens
-        valid = lay.valid_token_mask(lay.chunk_frames).cuda()[None, None, :, None]
-        g = torch.Generator(device="cuda").manual_seed(0)
-        mk = lambda h: (torch.randn(1, h, n, 128, device="cuda", generator=g) * valid).to(torch.bfloat16)
-        for _ in range(8):
-            q, k, v = mk(12), mk(12), mk(12)
-            cache.commit(0, q, k, v)
-        q, k, v = mk(12), mk(12), mk(12)
-        tables = cache.tables(0)
-        qb, kb, vb = program._blocks(q), program._blocks(k), program._blocks(v)
-        vs, vc = program.visit_tables(qb, tables, tables.step, validate=False)
-        spec = program.kernel_spec(tables.step, "bfloat16")
-        cur_valid = program.cur_valid_host.cuda()
-        t_kernel = bench(lambda: pbsa_attention(spec, qb, kb, vb, cur_valid, tables.k_pool,
-                                                tables.v_pool, tables.slot_valid, vs, vc,
-                                                program.scale, validate=False))
-        t_tables = bench(lambda: program.visit_tables(qb, tables, tables.step, validate=False))
-        t_fast = bench(lambda: program.attention(q, k, v, tables, validate=False))
-        t_checked = bench(lambda: program.attention(q, k, v, tables, validate=True))
-        visits = vc.float().mean().item() + (lay.chunk_blocks)
-        flops = 4 * spec.block_tokens ** 2 * 128 * float(vc.sum().item() + 12 * lay.chunk_blocks ** 2)
-        say(f"| {tile[0]}x{tile[1]} ({lay.block_tokens}) | {visits:.0f} | {t_kernel:.3f} | {t_tables:.3f} | "
-            f"{t_fast:.3f} | {t_checked:.3f} | {flops / t_kernel / 1e9:.0f} |")
-    say("")
+def steady_step(tile):
+    """One steady-state step of the sparse-forcing preset at Self-Forcing geometry (30x52
+    tokens in `tile` tiles, H=12, D=128, bf16): a one-layer cache after 8 commits of random
+    chunks, the next chunk's q/k/v, its kernel inputs and the FLOPs of its visited pairs."""
+    from types import SimpleNamespace
 
-
-def tune_small_blocks() -> None:
-    """Launch configurations for 64-token blocks (the presets' 8x8 tiles) at Self-Forcing
-    geometry: the defaults were tuned for 128-token blocks."""
-    from codegen.launch import default_config
     from codegen.program import PBSAProgram
-    say("## Launch configurations for 64-token blocks (sparse-forcing, 8x8 tiles, bf16, H=12, D=128)")
-    say("")
-    say("| config | fwd ms | fwd TFLOP/s | fwd+bwd ms (q, k, v grads; pool detached) |")
-    say("|---|---|---|---|")
-    layout = sd.VideoLayout(30, 52, (8, 8), 3)
+    layout = sd.VideoLayout(30, 52, tile, 3)
     schedule = sd.lower(sd.presets.get("sparse-forcing", layout=layout), num_heads=12,
                         head_dim=128, dtype="bfloat16")
     program = PBSAProgram(schedule, backend="triton")
@@ -187,7 +144,7 @@ def tune_small_blocks() -> None:
     n = lay.chunk_blocks * lay.block_tokens
     valid = lay.valid_token_mask(lay.chunk_frames).cuda()[None, None, :, None]
     g = torch.Generator(device="cuda").manual_seed(0)
-    mk = lambda: (torch.randn(1, 12, n, 128, device="cuda", generator=g) * valid).to(torch.bfloat16)
+    mk = lambda: (torch.randn(1, 12, n, 128, device="cuda", generator=g) * valid).to(torch.bfloat16)  # noqa: E731
     for _ in range(8):
         cache.commit(0, mk(), mk(), mk())
     tables = cache.tables(0)
@@ -195,8 +152,46 @@ def tune_small_blocks() -> None:
     qb, kb, vb = program._blocks(q), program._blocks(k), program._blocks(v)
     vs, vc = program.visit_tables(qb, tables, tables.step, validate=False)
     spec = program.kernel_spec(tables.step, "bfloat16")
-    cur_valid = program.cur_valid("cuda")
-    flops = 4 * 64 * 64 * 128 * float(vc.sum().item() + 12 * lay.chunk_blocks ** 2)
+    flops = 4 * spec.block_tokens ** 2 * 128 * float(vc.sum().item() + 12 * lay.chunk_blocks ** 2)
+    return SimpleNamespace(program=program, tables=tables, layout=lay, spec=spec, q=q, k=k, v=v,
+                           qb=qb, kb=kb, vb=vb, vs=vs, vc=vc, cur_valid=program.cur_valid("cuda"),
+                           flops=flops)
+
+
+def program_overhead() -> None:
+    """Where a program step's time goes at Self-Forcing geometry: tables, select, kernel."""
+    say("## One program step at Self-Forcing geometry (sparse-forcing, bf16, H=12, D=128, steady state)")
+    say("")
+    say("| tile (block tokens) | visits/query block | kernel only ms | visit tables + select ms | "
+        "program.attention ms (validate=False) | program.attention ms (validate=True) | kernel TFLOP/s |")
+    say("|---|---|---|---|---|---|---|")
+    for tile in ((8, 8), (8, 16)):
+        st = steady_step(tile)
+        program, tables, lay, spec, vs, vc = st.program, st.tables, st.layout, st.spec, st.vs, st.vc
+        q, k, v, qb, kb, vb, cur_valid = st.q, st.k, st.v, st.qb, st.kb, st.vb, st.cur_valid
+        t_kernel = bench(lambda: pbsa_attention(spec, qb, kb, vb, cur_valid, tables.k_pool,
+                                                tables.v_pool, tables.slot_valid, vs, vc,
+                                                program.scale, validate=False))
+        t_tables = bench(lambda: program.visit_tables(qb, tables, tables.step, validate=False))
+        t_fast = bench(lambda: program.attention(q, k, v, tables, validate=False))
+        t_checked = bench(lambda: program.attention(q, k, v, tables, validate=True))
+        visits = vc.float().mean().item() + (lay.chunk_blocks)
+        say(f"| {tile[0]}x{tile[1]} ({lay.block_tokens}) | {visits:.0f} | {t_kernel:.3f} | {t_tables:.3f} | "
+            f"{t_fast:.3f} | {t_checked:.3f} | {st.flops / t_kernel / 1e9:.0f} |")
+    say("")
+
+
+def tune_small_blocks() -> None:
+    """Launch configurations for 64-token blocks (the presets' 8x8 tiles) at Self-Forcing
+    geometry: the defaults were tuned for 128-token blocks."""
+    from codegen.launch import default_config
+    say("## Launch configurations for 64-token blocks (sparse-forcing, 8x8 tiles, bf16, H=12, D=128)")
+    say("")
+    say("| config | fwd ms | fwd TFLOP/s | fwd+bwd ms (q, k, v grads; pool detached) |")
+    say("|---|---|---|---|")
+    st = steady_step((8, 8))
+    program, tables, spec, vs, vc, flops = st.program, st.tables, st.spec, st.vs, st.vc, st.flops
+    qb, kb, vb, cur_valid = st.qb, st.kb, st.vb, st.cur_valid
     base = default_config(spec, qb.device)
     candidates = [("default", base)]
     if "--fwd" in sys.argv:  # the forward sweep that chose the defaults (4 warps, plain loads)

@@ -100,6 +100,18 @@ def commit_step(cache, q, k, v):
         cache.commit(layer, q, k, v)
 
 
+def issue_ms_per_layer(cache, q, k, v, steps):
+    """Host time to issue one layer's commit (ms): whole chunks timed into an empty launch queue
+    (synchronised between chunks, so a full queue never blocks the host)."""
+    issue = 0.0
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        commit_step(cache, q, k, v)
+        issue += time.perf_counter() - t0
+        sync()
+    return issue / steps / cache.num_layers * 1e3
+
+
 def bench_ms(fn, reps=20):
     if CUDA:
         import triton
@@ -147,13 +159,7 @@ def update_cost(program):
     steps = ARGS.timed_steps
     # host time: issuing one chunk's commits into an empty queue (synchronised between
     # chunks, so a full launch queue never blocks the host); also a second warm-up
-    issue = 0.0
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        commit_step(cache, q, k, v)
-        issue += time.perf_counter() - t0
-        sync()
-    host_layer = issue / steps / L * 1e3                          # ms per layer commit
+    host_layer = issue_ms_per_layer(cache, q, k, v, steps)
     walls = []
     for _ in range(3):  # wall clock of `steps` chunks back to back; the median of three runs
         t0 = time.perf_counter()
@@ -276,13 +282,8 @@ def profile_commit(program, steps=5):
         def on_compile(**kw):
             log(f"COMPILE at step {cache.step}: {kw['fn'].name} {kw.get('repr', '')[:300]}")
         triton.knobs.runtime.jit_post_compile_hook = on_compile
-    issue = 0.0
-    for _ in range(steps):   # uninstrumented first: what the host spends per layer commit
-        t0 = time.perf_counter()
-        commit_step(cache, q, k, v)
-        issue += time.perf_counter() - t0
-        sync()
-    log(f"host time per layer commit: {issue / steps / ARGS.layers * 1e3:.3f} ms "
+    # uninstrumented first: what the host spends per layer commit
+    log(f"host time per layer commit: {issue_ms_per_layer(cache, q, k, v, steps):.3f} ms "
         f"(issue time, synchronised between chunks; {ARGS.layers} layers, backend "
         f"{cache.backend})")
     prof = cProfile.Profile()

@@ -107,6 +107,25 @@ if HAVE_GLUON:
         return p, m_new, l_i * alpha + gl.sum(p, axis=1), alpha
 
     @gluon.jit
+    def _alloc_ring(kv_desc, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
+        """The Q barrier and the K/V ring: STAGES tiles of K and of V, a ready barrier per slot
+        (TMA arrival) and an empty barrier per slot that every consumer partition releases."""
+        k_bufs = gl.allocate_shared_memory(kv_desc.dtype, [STAGES] + kv_desc.block_type.shape, kv_desc.layout)
+        v_bufs = gl.allocate_shared_memory(kv_desc.dtype, [STAGES] + kv_desc.block_type.shape, kv_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=CONSUMERS)
+            mbarrier.init(v_empty.index(i), count=CONSUMERS)
+        return q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty
+
+    @gluon.jit
     def _producer(q_desc, kc_desc, vc_desc, kp_desc, vp_desc, q_bufs, k_bufs, v_bufs, q_bar,
                   k_ready, v_ready, k_empty, v_empty, q_row0, cur_row0, pool_row0, vis_row, n_cur, n,
                   STAGES: gl.constexpr):
@@ -215,19 +234,7 @@ if HAVE_GLUON:
         n = n_cur + gl.load(cnt_ptr + bh * NQB + qb)
 
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
-        k_bufs = gl.allocate_shared_memory(kc_desc.dtype, [STAGES] + kc_desc.block_type.shape, kc_desc.layout)
-        v_bufs = gl.allocate_shared_memory(vc_desc.dtype, [STAGES] + vc_desc.block_type.shape, vc_desc.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)  # both consumers release a slot
-            mbarrier.init(v_empty.index(i), count=2)
+        q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty = _alloc_ring(kc_desc, STAGES, 2)
 
         gl.warp_specialize([
             (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty,
@@ -389,19 +396,7 @@ if HAVE_GLUON:
         n = n_cur + cnt
 
         q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
-        k_bufs = gl.allocate_shared_memory(kc_desc.dtype, [STAGES] + kc_desc.block_type.shape, kc_desc.layout)
-        v_bufs = gl.allocate_shared_memory(vc_desc.dtype, [STAGES] + vc_desc.block_type.shape, vc_desc.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=1)
-            mbarrier.init(v_empty.index(i), count=1)
+        q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty = _alloc_ring(kc_desc, STAGES, 1)
 
         gl.warp_specialize([
             (_consumer64, (q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty, o_ptr, lse_ptr,

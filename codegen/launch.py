@@ -216,10 +216,6 @@ def attention_forward(
     H, NQB, BT, D = spec.num_heads, spec.num_query_blocks, spec.block_tokens, spec.head_dim
     k_pool, v_pool, slot_valid, nslots = _pool_or_dummy(spec, B, k_pool, v_pool, slot_valid)
     visit_slots = _visits_or_dummy(spec, visit_slots)
-    variant = _variant_for(
-        cfg, spec, q, B * H * NQB * BT, B * spec.num_kv_heads * nslots * BT,
-        (q, k_cur, v_cur, k_pool, v_pool),
-    )
     o = _out_like(q)
     lse = _out(B, H, NQB, BT, dtype=torch.float32, device=q.device)
     if _use_gluon(cfg, spec, q, (q, k_cur, v_cur, k_pool, v_pool)):
@@ -232,6 +228,10 @@ def attention_forward(
             warnings.warn(f"Gluon forward failed ({type(e).__name__}: {str(e)[:200]}); using the "
                           "generated Triton forward", RuntimeWarning)
             _GLUON_BROKEN.add(spec)
+    variant = _variant_for(
+        cfg, spec, q, B * H * NQB * BT, B * spec.num_kv_heads * nslots * BT,
+        (q, k_cur, v_cur, k_pool, v_pool),
+    )
     mod = load_attention_kernels(spec, variant)
     bm, bn = cfg.fwd_block_m, cfg.fwd_block_n
     n_prog = B * H * NQB * (BT // bm)

@@ -21,7 +21,7 @@ import re
 
 from .kernel_spec import AttentionKernelSpec
 
-GENERATOR_VERSION = "pbsa-attn-3"
+GENERATOR_VERSION = "pbsa-attn-4"
 
 _TAG_RE = re.compile(r"\s*#\?\s*([!A-Z0-9_, ]+)$")
 
@@ -606,15 +606,18 @@ _DKDV = '''
 def _dkdv_program(
     pid, Q, K_CUR, V_CUR, CUR_VALID, K_POOL, V_POOL, SLOT_VALID,
     DO, LSE, DELTA, DK_CUR, DV_CUR, DK_POOL, DV_POOL,
-    ITEM_ORDER, ROW_PTR, VISITORS,
+    ITEM_ORDER, ROW_PTR, VISITORS, DQ_ACC,
     B, NSLOTS, NJ, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr, OVERLAP: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, NEED_POOL: tl.constexpr, DQ_TMA: tl.constexpr,
 ):
     """dK/dV over the transposed schedule for one (key block item, row tile of BLOCK_N
     key tokens). An item is (b, kv head, j): j < NQB is current block j, j >= NQB is
     pool slot j - NQB (NJ items per (b, kv head)). Its visitors
     VISITORS[ROW_PTR[item]:ROW_PTR[item+1]] are h * NQB + qb of the query blocks that
-    read it, summed in that fixed order (deterministic, no atomics)."""
+    read it, summed in that fixed order (deterministic, no atomics). With ATOMIC_DQ the
+    program also adds its share of dQ to DQ_ACC (_bwd_atomic_item), and pool items run
+    for their dQ share even when their dK/dV are not needed (NEED_POOL False)."""
     QSUB: tl.constexpr = @BT@ // BLOCK_M
     KSUB: tl.constexpr = @BT@ // BLOCK_N
     ksub = pid % KSUB
@@ -622,9 +625,7 @@ def _dkdv_program(
     j = item % NJ
     bhkv = item // NJ
     b = bhkv // HKV
-    offs_n = ksub * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
-    offs_mt = tl.arange(0, BLOCK_M)
     q_desc = tl.make_tensor_descriptor(Q, shape=[B * H * NQB * BT, D], strides=[D, 1], block_shape=[BLOCK_M, D])  #? DESC
     do_desc = tl.make_tensor_descriptor(DO, shape=[B * H * NQB * BT, D], strides=[D, 1], block_shape=[BLOCK_M, D])  #? DESC
     kc_desc = tl.make_tensor_descriptor(K_CUR, shape=[B * HKV * NQB * BT, D], strides=[D, 1], block_shape=[BLOCK_N, D])  #? DESC
@@ -639,14 +640,22 @@ def _dkdv_program(
     vp_desc = None  #? PTR
     e_lo = tl.load(ROW_PTR + item)
     e_hi = tl.load(ROW_PTR + item + 1)
+    # atomic dQ: programs start their visitor walk at different rows (fewer colliding adds)
+    rot = (j * 7 + ksub) % tl.maximum((e_hi - e_lo) * QSUB, 1)
     # one loop body per source tensor, so that K/V stay in shared memory (TMA) as the
     # A operands of the transposed matmuls
     if j < NQB:  # a block of the current chunk
         kv_row = (bhkv * NQB + j) * BT + ksub * BLOCK_N
         n_valid = BT  #? !PAD
         n_valid = tl.load(CUR_VALID + j)  #? PAD
-        dk, dv = _dkdv_item(Q, DO, LSE, DELTA, CUR_VALID, VISITORS, K_CUR, V_CUR, q_desc, do_desc, kc_desc, vc_desc,
-                            kv_row, n_valid, ksub, b, e_lo, e_hi, sm_scale, BLOCK_M, BLOCK_N, WARP_SPEC, OVERLAP)
+        if ATOMIC_DQ:
+            dk, dv = _bwd_atomic_item(Q, DO, LSE, DELTA, DQ_ACC, CUR_VALID, VISITORS, K_CUR, V_CUR, q_desc, do_desc,
+                                      kc_desc, vc_desc, kv_row, n_valid, ksub, b, B, e_lo, e_hi, rot, sm_scale,
+                                      BLOCK_M, BLOCK_N, True, DQ_TMA)
+        else:
+            dk, dv = _dkdv_item(Q, DO, LSE, DELTA, CUR_VALID, VISITORS, K_CUR, V_CUR, q_desc, do_desc, kc_desc,
+                                vc_desc, kv_row, n_valid, ksub, b, e_lo, e_hi, sm_scale, BLOCK_M, BLOCK_N,
+                                WARP_SPEC, OVERLAP)
         kv_offs = (kv_row + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None] * D + offs_d[None, :]
         tl.store(DK_CUR + kv_offs, dk.to(DK_CUR.dtype.element_ty))
         tl.store(DV_CUR + kv_offs, dv.to(DV_CUR.dtype.element_ty))
@@ -655,11 +664,18 @@ def _dkdv_program(
         kv_row = (bhkv * NSLOTS + slot) * BT + ksub * BLOCK_N
         n_valid = BT  #? !PAD
         n_valid = tl.load(SLOT_VALID + bhkv * NSLOTS + slot)  #? PAD
-        dk, dv = _dkdv_item(Q, DO, LSE, DELTA, CUR_VALID, VISITORS, K_POOL, V_POOL, q_desc, do_desc, kp_desc, vp_desc,
-                            kv_row, n_valid, ksub, b, e_lo, e_hi, sm_scale, BLOCK_M, BLOCK_N, WARP_SPEC, OVERLAP)
-        kv_offs = (kv_row.to(tl.int64) + tl.arange(0, BLOCK_N))[:, None] * D + offs_d[None, :]
-        tl.store(DK_POOL + kv_offs, dk.to(DK_POOL.dtype.element_ty))
-        tl.store(DV_POOL + kv_offs, dv.to(DV_POOL.dtype.element_ty))
+        if ATOMIC_DQ:
+            dk, dv = _bwd_atomic_item(Q, DO, LSE, DELTA, DQ_ACC, CUR_VALID, VISITORS, K_POOL, V_POOL, q_desc, do_desc,
+                                      kp_desc, vp_desc, kv_row, n_valid, ksub, b, B, e_lo, e_hi, rot, sm_scale,
+                                      BLOCK_M, BLOCK_N, NEED_POOL, DQ_TMA)
+        else:
+            dk, dv = _dkdv_item(Q, DO, LSE, DELTA, CUR_VALID, VISITORS, K_POOL, V_POOL, q_desc, do_desc, kp_desc,
+                                vp_desc, kv_row, n_valid, ksub, b, e_lo, e_hi, sm_scale, BLOCK_M, BLOCK_N,
+                                WARP_SPEC, OVERLAP)
+        if NEED_POOL:
+            kv_offs = (kv_row.to(tl.int64) + tl.arange(0, BLOCK_N))[:, None] * D + offs_d[None, :]
+            tl.store(DK_POOL + kv_offs, dk.to(DK_POOL.dtype.element_ty))
+            tl.store(DV_POOL + kv_offs, dv.to(DV_POOL.dtype.element_ty))
 
 
 @triton.jit
@@ -731,8 +747,8 @@ def pbsa_bwd_dkdv_kernel(
 ):
     """Backward, dK/dV over the transposed schedule (reads DELTA)."""
     _dkdv_program(tl.program_id(0), Q, K_CUR, V_CUR, CUR_VALID, K_POOL, V_POOL, SLOT_VALID,
-                  DO, LSE, DELTA, DK_CUR, DV_CUR, DK_POOL, DV_POOL, ITEM_ORDER, ROW_PTR, VISITORS,
-                  B, NSLOTS, NJ, sm_scale, BLOCK_M, BLOCK_N, WARP_SPEC, OVERLAP)
+                  DO, LSE, DELTA, DK_CUR, DV_CUR, DK_POOL, DV_POOL, ITEM_ORDER, ROW_PTR, VISITORS, DELTA,
+                  B, NSLOTS, NJ, sm_scale, BLOCK_M, BLOCK_N, WARP_SPEC, OVERLAP, False, True, False)
 
 
 @triton.jit
@@ -754,13 +770,13 @@ def pbsa_bwd_fused_kernel(
                     DQ_BLOCK_M, DQ_BLOCK_N, False, True, False, DQ_OVERLAP)
     else:
         _dkdv_program(pid - N_DQ_PROGRAMS, Q, K_CUR, V_CUR, CUR_VALID, K_POOL, V_POOL, SLOT_VALID,
-                      DO, LSE, DELTA, DK_CUR, DV_CUR, DK_POOL, DV_POOL, ITEM_ORDER, ROW_PTR, VISITORS,
-                      B, NSLOTS, NJ, sm_scale, KV_BLOCK_M, KV_BLOCK_N, False, KV_OVERLAP)
+                      DO, LSE, DELTA, DK_CUR, DV_CUR, DK_POOL, DV_POOL, ITEM_ORDER, ROW_PTR, VISITORS, DELTA,
+                      B, NSLOTS, NJ, sm_scale, KV_BLOCK_M, KV_BLOCK_N, False, KV_OVERLAP, False, True, False)
 
 
 @triton.jit
-def _bwd_atomic_item(Q, DO, LSE, DELTA, DQ_ACC, CUR_VALID, VISITORS, KX, VX, q_desc, do_desc, dq_desc, k_desc, v_desc,
-                     kv_row, n_valid, ksub, b, e_lo, e_hi, rot, sm_scale,
+def _bwd_atomic_item(Q, DO, LSE, DELTA, DQ_ACC, CUR_VALID, VISITORS, KX, VX, q_desc, do_desc, k_desc, v_desc,
+                     kv_row, n_valid, ksub, b, B, e_lo, e_hi, rot, sm_scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_DKDV: tl.constexpr, DQ_TMA: tl.constexpr):
     """One [BLOCK_N, D] key tile at kv_row against its visitors VISITORS[e_lo:e_hi]: returns
     dK, dV (scaled, padded key rows zeroed; zeros unless WITH_DKDV) and adds each visitor's
@@ -769,6 +785,8 @@ def _bwd_atomic_item(Q, DO, LSE, DELTA, DQ_ACC, CUR_VALID, VISITORS, KX, VX, q_d
     into the same query rows at the same time."""
     QSUB: tl.constexpr = @BT@ // BLOCK_M
     offs_d = tl.arange(0, D)
+    dq_desc = tl.make_tensor_descriptor(DQ_ACC, shape=[B * H * NQB * BT, D], strides=[D, 1], block_shape=[BLOCK_M, D])  #? DESC
+    dq_desc = None  # per-element atomics only  #? PTR
     k = k_desc.load([kv_row, 0])  #? DESC
     v = v_desc.load([kv_row, 0])  #? DESC
     kv_offs = (kv_row.to(tl.int64) + tl.arange(0, BLOCK_N))[:, None] * D + offs_d[None, :]  #? PTR
@@ -820,53 +838,9 @@ def pbsa_bwd_atomic_kernel(
     ordered path's 7. The order of dQ's additions varies between runs (equal within
     rounding, not bitwise). Pool slots whose gradient is not needed (NEED_POOL False)
     still add their dQ share (3 matmuls) and write no dK/dV."""
-    KSUB: tl.constexpr = @BT@ // BLOCK_N
-    pid = tl.program_id(0)
-    ksub = pid % KSUB
-    item = tl.load(ITEM_ORDER + pid // KSUB)
-    j = item % NJ
-    bhkv = item // NJ
-    b = bhkv // HKV
-    offs_d = tl.arange(0, D)
-    q_desc = tl.make_tensor_descriptor(Q, shape=[B * H * NQB * BT, D], strides=[D, 1], block_shape=[BLOCK_M, D])  #? DESC
-    do_desc = tl.make_tensor_descriptor(DO, shape=[B * H * NQB * BT, D], strides=[D, 1], block_shape=[BLOCK_M, D])  #? DESC
-    kc_desc = tl.make_tensor_descriptor(K_CUR, shape=[B * HKV * NQB * BT, D], strides=[D, 1], block_shape=[BLOCK_N, D])  #? DESC
-    vc_desc = tl.make_tensor_descriptor(V_CUR, shape=[B * HKV * NQB * BT, D], strides=[D, 1], block_shape=[BLOCK_N, D])  #? DESC
-    kp_desc = tl.make_tensor_descriptor(K_POOL, shape=[B * HKV * NSLOTS * BT, D], strides=[D, 1], block_shape=[BLOCK_N, D])  #? DESC
-    vp_desc = tl.make_tensor_descriptor(V_POOL, shape=[B * HKV * NSLOTS * BT, D], strides=[D, 1], block_shape=[BLOCK_N, D])  #? DESC
-    q_desc = None  #? PTR
-    do_desc = None  #? PTR
-    kc_desc = None  #? PTR
-    vc_desc = None  #? PTR
-    kp_desc = None  #? PTR
-    vp_desc = None  #? PTR
-    dq_desc = tl.make_tensor_descriptor(DQ_ACC, shape=[B * H * NQB * BT, D], strides=[D, 1], block_shape=[BLOCK_M, D])  #? DESC
-    dq_desc = None  # per-element atomics only  #? PTR
-    e_lo = tl.load(ROW_PTR + item)
-    e_hi = tl.load(ROW_PTR + item + 1)
-    rot = (j * 7 + ksub) % tl.maximum((e_hi - e_lo) * (@BT@ // BLOCK_M), 1)
-    if j < NQB:  # a block of the current chunk
-        kv_row = (bhkv * NQB + j) * BT + ksub * BLOCK_N
-        n_valid = BT  #? !PAD
-        n_valid = tl.load(CUR_VALID + j)  #? PAD
-        dk, dv = _bwd_atomic_item(Q, DO, LSE, DELTA, DQ_ACC, CUR_VALID, VISITORS, K_CUR, V_CUR, q_desc, do_desc, dq_desc,
-                                  kc_desc, vc_desc, kv_row, n_valid, ksub, b, e_lo, e_hi, rot, sm_scale,
-                                  BLOCK_M, BLOCK_N, True, DQ_TMA)
-        kv_offs = (kv_row + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None] * D + offs_d[None, :]
-        tl.store(DK_CUR + kv_offs, dk.to(DK_CUR.dtype.element_ty))
-        tl.store(DV_CUR + kv_offs, dv.to(DV_CUR.dtype.element_ty))
-    else:  # a pool slot
-        slot = j - NQB
-        kv_row = (bhkv * NSLOTS + slot) * BT + ksub * BLOCK_N
-        n_valid = BT  #? !PAD
-        n_valid = tl.load(SLOT_VALID + bhkv * NSLOTS + slot)  #? PAD
-        dk, dv = _bwd_atomic_item(Q, DO, LSE, DELTA, DQ_ACC, CUR_VALID, VISITORS, K_POOL, V_POOL, q_desc, do_desc, dq_desc,
-                                  kp_desc, vp_desc, kv_row, n_valid, ksub, b, e_lo, e_hi, rot, sm_scale,
-                                  BLOCK_M, BLOCK_N, NEED_POOL, DQ_TMA)
-        if NEED_POOL:
-            kv_offs = (kv_row.to(tl.int64) + tl.arange(0, BLOCK_N))[:, None] * D + offs_d[None, :]
-            tl.store(DK_POOL + kv_offs, dk.to(DK_POOL.dtype.element_ty))
-            tl.store(DV_POOL + kv_offs, dv.to(DV_POOL.dtype.element_ty))
+    _dkdv_program(tl.program_id(0), Q, K_CUR, V_CUR, CUR_VALID, K_POOL, V_POOL, SLOT_VALID,
+                  DO, LSE, DELTA, DK_CUR, DV_CUR, DK_POOL, DV_POOL, ITEM_ORDER, ROW_PTR, VISITORS, DQ_ACC,
+                  B, NSLOTS, NJ, sm_scale, BLOCK_M, BLOCK_N, False, False, True, NEED_POOL, DQ_TMA)
 '''
 
 

@@ -650,6 +650,24 @@ if triton is not None:
                     D, BT_CEIL, BLOCK_T, BLOCK_D)
 
     @triton.jit
+    def _rep_scores(q_row, sq_d, q_ok, k_row, sk_d, s_ok, D: tl.constexpr, DC: tl.constexpr,
+                    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr):
+        # [BLOCK_Q, BLOCK_N] dot products of query representatives (row pointers q_row) with
+        # gathered key representatives (row pointers k_row): IEEE fp32 FMAs, DC d at a time;
+        # rows / columns outside q_ok / s_ok are never read (0)
+        dc = tl.arange(0, DC)
+        k_ptrs = tl.broadcast_to(k_row[None, :, None], [BLOCK_Q, BLOCK_N, DC]) + dc[None, None, :] * sk_d
+        k_mask = tl.broadcast_to(s_ok[None, :, None], [BLOCK_Q, BLOCK_N, DC])
+        q_ptrs = q_row[:, None, None] + dc[None, None, :] * sq_d
+        scores = tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.float32)
+        for d0 in range(0, D, DC):
+            d_ok = (d0 + dc < D)[None, None, :]
+            kd = tl.load(k_ptrs + d0 * sk_d, mask=k_mask & d_ok, other=0.0)
+            qd = tl.load(q_ptrs + d0 * sq_d, mask=q_ok[:, None, None] & d_ok, other=0.0)
+            scores += tl.sum(kd * qd, axis=2)
+        return scores
+
+    @triton.jit
     def _select_topk_kernel(
         q_ptr, kp_ptr, ws_ptr, sp_ptr, sc_ptr, vs_ptr, vc_ptr,
         NQB, NW, NSLOTS, SMAX, KMAX, K, MAXV, GROUP,
@@ -682,16 +700,7 @@ if triton is not None:
         # scores[qb, p] = <q_rep[b, h, qb], k_rep_pool[b, g, slot[p]]>: IEEE fp32 FMAs over d
         k_row = kp_ptr + b * sk_b + g * sk_h + slot.to(tl.int64) * sk_s
         q_row = q_ptr + b * sq_b + h * sq_h + qb.to(tl.int64) * sq_q
-        dc = tl.arange(0, DC)
-        k_ptrs = tl.broadcast_to(k_row[None, :, None], [BLOCK_Q, BLOCK_W, DC]) + dc[None, None, :] * sk_d
-        k_mask = tl.broadcast_to(s_ok[None, :, None], [BLOCK_Q, BLOCK_W, DC])
-        q_ptrs = q_row[:, None, None] + dc[None, None, :] * sq_d
-        scores = tl.zeros([BLOCK_Q, BLOCK_W], dtype=tl.float32)
-        for d0 in range(0, D, DC):
-            d_ok = (d0 + dc < D)[None, None, :]
-            kd = tl.load(k_ptrs + d0 * sk_d, mask=k_mask & d_ok, other=0.0)
-            qd = tl.load(q_ptrs + d0 * sq_d, mask=q_ok[:, None, None] & d_ok, other=0.0)
-            scores += tl.sum(kd * qd, axis=2)
+        scores = _rep_scores(q_row, sq_d, q_ok, k_row, sk_d, s_ok, D, DC, BLOCK_Q, BLOCK_W)
 
         # candidates: static membership of each query block, then the mode
         n_static = tl.load(sc_ptr + qb * sc_q, mask=q_ok, other=0)
@@ -746,16 +755,7 @@ if triton is not None:
         # Column sums over a tile of query blocks of the row softmax over the domain. Tile
         # [BLOCK_Q query blocks, BLOCK_N domain entries], the select kernel's layout; q_row /
         # k_row are the row pointers of the query / key representatives.
-        dc = tl.arange(0, DC)
-        k_ptrs = tl.broadcast_to(k_row[None, :, None], [BLOCK_Q, BLOCK_N, DC]) + dc[None, None, :] * sk_d
-        k_mask = tl.broadcast_to(s_ok[None, :, None], [BLOCK_Q, BLOCK_N, DC])
-        q_ptrs = q_row[:, None, None] + dc[None, None, :] * sq_d
-        scores = tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.float32)
-        for d0 in range(0, D, DC):
-            d_ok = (d0 + dc < D)[None, None, :]
-            kd = tl.load(k_ptrs + d0 * sk_d, mask=k_mask & d_ok, other=0.0)
-            qd = tl.load(q_ptrs + d0 * sq_d, mask=q_ok[:, None, None] & d_ok, other=0.0)
-            scores += tl.sum(kd * qd, axis=2)
+        scores = _rep_scores(q_row, sq_d, q_ok, k_row, sk_d, s_ok, D, DC, BLOCK_Q, BLOCK_N)
         z = tl.where(j_ok[None, :], scores * scale_log2e, float("-inf"))
         m = tl.max(z, axis=1)
         e = tl.exp2(z - m[:, None])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import functools
 import os
 
 import torch
@@ -172,6 +173,14 @@ def _compact_marks_kernel(MARKS, ROW_PTR, VISITORS, NJ, V, HKV: tl.constexpr, NQ
     tl.store(VISITORS + tl.load(ROW_PTR + item) + pos, visitor, mask=m != 0)
 
 
+@functools.lru_cache(maxsize=256)
+def _entry_bound(spec: AttentionKernelSpec, B: int, MAXV: int) -> int:
+    """Upper bound of the CSR entries (no host sync): every current pair + every table column."""
+    H, NQB = spec.num_heads, spec.num_query_blocks
+    cur = sum(spec.current_blocks_visible(qb) for qb in range(NQB))
+    return max(B * H * (cur + NQB * MAXV), 1)
+
+
 def _marks_into_csr(spec: AttentionKernelSpec, visit_slots, visit_count, n_items: int, NJ: int):
     """The CSR without a sort: mark, count, scan, compact (deterministic: no atomics)."""
     B, H, NQB, MAXV = visit_slots.shape
@@ -187,9 +196,7 @@ def _marks_into_csr(spec: AttentionKernelSpec, visit_slots, visit_count, n_items
     counts = marks.sum(dim=1, dtype=torch.int32)
     row_ptr = torch.zeros(n_items + 1, dtype=torch.int32, device=device)
     torch.cumsum(counts, 0, out=row_ptr[1:])
-    # upper bound of the entries (no host sync): every current pair + every table column
-    cap = B * H * sum(spec.current_blocks_visible(qb) for qb in range(NQB)) + B * H * NQB * MAXV
-    visitors = torch.empty(max(cap, 1), dtype=torch.int32, device=device)
+    visitors = torch.empty(_entry_bound(spec, B, MAXV), dtype=torch.int32, device=device)
     _compact_marks_kernel[(n_items,)](
         marks, row_ptr, visitors, NJ, V, HKV=spec.num_kv_heads, NQB=NQB, G=G,
         BLOCK_V=triton.next_power_of_2(V), num_warps=1 if V <= 256 else 4)
