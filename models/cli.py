@@ -1,0 +1,116 @@
+"""The model side's command line: `sparse-forcing` (the front end `sparsedsl` never imports
+models/).
+
+    sparse-forcing train teacher      --config small
+    sparse-forcing train student      --config small            # from runs/small/teacher
+    sparse-forcing train self-forcing --config small --pattern sparse-forcing
+    sparse-forcing train self-forcing --config small --pattern dense
+    sparse-forcing configs
+
+Run folders default to runs/<config>/<stage>[-<pattern>]; a stage started again in the
+same folder resumes from its last checkpoint. Under torchrun every process runs the same
+command (`torchrun --nproc-per-node 2 -m models train teacher --config small`).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .config import ConfigError, bundled_configs, load_config
+
+STAGES = ("teacher", "student", "self-forcing")
+
+
+def parse_overrides(items: Sequence[str]) -> dict:
+    """--set teacher.steps=10 --set attention.tile=[4,4] -> {"teacher.steps": 10, ...}"""
+    out = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq or not key:
+            raise ConfigError("--set", item, item, "KEY=VALUE, e.g. teacher.steps=100")
+        try:
+            out[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            out[key] = text   # a bare word: a string
+    return out
+
+
+def cmd_train(args) -> int:
+    from .checkpoint import CheckpointError  # noqa: F401  (imported for the error handler)
+    from .train.common import default_run_dir
+    cfg = load_config(args.config, parse_overrides(args.set))
+    stage = args.stage.replace("-", "_")
+    pattern = args.pattern
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(
+        cfg, stage, pattern if stage == "self_forcing" else None)
+    teacher = Path(args.teacher) if args.teacher else default_run_dir(cfg, "teacher")
+    student = Path(args.student) if args.student else default_run_dir(cfg, "student")
+    progress = not args.no_progress
+    if stage == "teacher":
+        from .train.teacher import train_teacher
+        out = train_teacher(cfg, run_dir, progress=progress)
+    elif stage == "student":
+        from .train.student import train_student
+        out = train_student(cfg, run_dir, teacher, progress=progress)
+    else:
+        from .train.self_forcing import train_self_forcing
+        out = train_self_forcing(cfg, run_dir, teacher, student, pattern=pattern, progress=progress)
+    print(f"{args.stage} done: weights in {out}, loss curve in {run_dir / 'loss.png'}, "
+          f"samples in {run_dir / 'samples'}")
+    return 0
+
+
+def cmd_configs(args) -> int:
+    for name in bundled_configs():
+        cfg = load_config(name)
+        print(f"{name:10s} {cfg.video.height}x{cfg.video.width}x{cfg.video.channels}, "
+              f"{cfg.video.frames} frames in chunks of {cfg.video.chunk_frames}, "
+              f"dim {cfg.model.dim} x {cfg.model.layers} layers, {cfg.tokens_per_frame} tokens/frame")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparse-forcing",
+                                     description="Train the reference Sparse Forcing model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="run one training stage (resumes its run folder)")
+    p.add_argument("stage", choices=STAGES)
+    p.add_argument("--config", default="small",
+                   help="a bundled config (" + ", ".join(bundled_configs()) + ") or a .toml file")
+    p.add_argument("--pattern", default=None,
+                   help="self-forcing: 'dense' (Self-Forcing's rolling window), a sparsedsl "
+                        "preset or a .py file defining `pattern` (default: the config's)")
+    p.add_argument("--run-dir", default=None, help="default runs/<config>/<stage>[-<pattern>]")
+    p.add_argument("--teacher", default=None, help="teacher run folder or weights file")
+    p.add_argument("--student", default=None, help="student run folder or weights file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set teacher.steps=100")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("configs", help="list the bundled configs")
+    p.set_defaults(func=cmd_configs)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .checkpoint import CheckpointError
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"sparse-forcing: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last checkpoint is intact; run the same command to resume",
+              file=sys.stderr)
+        return 130
+    finally:
+        from .distributed import cleanup
+        cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

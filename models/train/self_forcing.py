@@ -1,0 +1,128 @@
+"""Stage c: self-forcing with DMD, the attention pattern and its memory in the loop.
+
+Per step (one generator update):
+1. the generator (initialised from the student) rolls out the whole horizon chunk by chunk
+   through the pattern's cache, exactly as at inference — 4 denoising steps, Top-K
+   selection and the persistent-memory update after each clean pass; chunk i stops at a
+   random denoising step (the same for the whole batch, drawn per step) and only that
+   step carries gradient; the cache is written without gradient (models/rollout.py);
+2. `fake_updates` updates of the fake score (initialised from the teacher) with the flow
+   loss on the detached rollout, fresh times and noise each;
+3. the DMD update of the generator: noise the rollout to a random time, take the real
+   score (the frozen teacher) and the fake score's x0 predictions, and step along
+   (fake - real) / mean|x0 - real| (DMD's normalised gradient), through the rollout.
+The teacher is bidirectional, so both scores see the whole generated clip at once.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..attention import SequenceAttention, make_backend
+from ..flow import add_noise, denoising_times, sample_times, velocity_loss
+from ..rollout import rollout
+from ..sampling import generate
+from .common import StageRun, Throughput, load_stage_weights, per_sample
+
+DMD_T_RANGE = (0.02, 0.98)   # Self-Forcing's min/max DMD timestep (of 1000)
+# streams of one sample's random draws (models/train/common.per_sample)
+FAKE_TIME, FAKE_NOISE, DMD_TIME, DMD_NOISE = 1, 2, 3, 4
+
+
+def dmd_times(run, step, idx):
+    lo, hi = DMD_T_RANGE
+    return per_sample(run, step, idx, lambda g: lo + (hi - lo) * torch.rand((1,), generator=g),
+                      DMD_TIME)
+
+
+def train_self_forcing(cfg, run_dir, teacher, student, pattern: Optional[str] = None,
+                       info=None, progress: bool = True) -> Path:
+    run = StageRun(cfg, "self_forcing", run_dir, info, progress)
+    s = run.scfg
+    pattern = pattern or cfg.attention.pattern
+    backend = make_backend(cfg, pattern, device=run.device, dtype=run.compute_dtype)
+    generator = load_stage_weights(cfg, student, "student", run.device)
+    real = load_stage_weights(cfg, teacher, "teacher", run.device).requires_grad_(False).eval()
+    fake = copy.deepcopy(real).requires_grad_(True).train()
+    # Self-Forcing: AdamW with beta1 = 0 for both the generator and the critic
+    gen_opt = run.optimizer(generator, s.lr, betas=(0.0, 0.999))
+    fake_lr = s.fake_lr or s.lr
+    fake_opt = run.optimizer(fake, fake_lr, betas=(0.0, 0.999))
+    objects = {"generator": generator, "fake": fake, "gen_optim": gen_opt, "fake_optim": fake_opt}
+    start = run.resume(objects)
+    v = cfg.video
+    frames = s.rollout_frames or v.frames
+    c = v.chunk_frames
+    times = denoising_times(cfg.flow.denoising_steps, cfg.flow.shift)
+    whole = SequenceAttention(None, cfg.tokens_per_frame)
+    speed = Throughput()
+    bar = run.bar(start, s.steps, f"self-forcing [{backend.name}]")
+    if run.progress:
+        print(f"attention in the loop: {backend.describe()}", flush=True)
+    for step in range(start, s.steps):
+        idx = run.local_indices(step)
+        b = len(idx)
+        # 1. the rollout, gradient through one random denoising step per chunk
+        exits = torch.randint(len(times), (frames // c,), generator=run.generator(step, -1)).tolist()
+        noises = per_sample(run, step, idx, lambda g: torch.randn(
+            frames // c, len(times), c, v.channels, v.height, v.width, generator=g))
+        cache = backend.new_cache(b, run.device, run.compute_dtype, max_frames=frames)
+        with run.autocast():
+            video = rollout(generator, cache, lambda i, j: noises[:, i, j], frames, times,
+                            exit_steps=exits).float()
+        cache_bytes = cache.nbytes()
+        del cache
+        # 2. the fake score follows the generator's current distribution
+        x0 = video.detach()
+        for u in range(s.fake_updates):
+            t = per_sample(run, step, idx, lambda g: sample_times((1,), cfg.flow.shift, g),
+                           FAKE_TIME, u).expand(-1, frames)
+            eps = per_sample(run, step, idx, lambda g: torch.randn(x0.shape[1:], generator=g),
+                             FAKE_NOISE, u)
+            with run.autocast():
+                pred = fake(add_noise(x0, eps, t), t, whole)
+            fake_loss = velocity_loss(pred, x0, t)
+            run.set_lr(fake_opt, step, fake_lr)
+            run.sync_and_step(fake, fake_opt, fake_loss)
+        # 3. DMD: move the rollout along fake - real at a random noise level
+        t = dmd_times(run, step, idx).expand(-1, frames)
+        eps = per_sample(run, step, idx, lambda g: torch.randn(x0.shape[1:], generator=g), DMD_NOISE)
+        with torch.no_grad(), run.autocast():
+            x_t = add_noise(x0, eps, t)
+            real_x0 = real(x_t, t, whole).float()
+            fake_x0 = fake(x_t, t, whole).float()
+        norm = (x0 - real_x0).abs().mean(dim=(1, 2, 3, 4), keepdim=True).clamp(min=1e-6)
+        grad = (fake_x0 - real_x0) / norm
+        dmd_loss = 0.5 * torch.mean((video - (x0 - grad)) ** 2)
+        run.set_lr(gen_opt, step, s.lr)
+        grad_norm = run.sync_and_step(generator, gen_opt, dmd_loss)
+        speed.add(s.batch)
+        done = step + 1
+        if done % s.log_every == 0 or done == s.steps:
+            run.log(done, dmd_loss=dmd_loss.item(), fake_loss=fake_loss.item(), grad_norm=grad_norm,
+                    cache_mib=cache_bytes / 2**20)
+            bar.set_postfix(dmd=f"{dmd_loss.item():.4f}", fake=f"{fake_loss.item():.4f}",
+                            clips_per_s=f"{speed.rate():.2f}")
+        bar.update(1)
+        if done % s.checkpoint_every == 0 or done == s.steps:
+            run.save(done, objects, extra={"pattern": str(pattern)})
+            run.plot()
+        if (s.sample_every and done % s.sample_every == 0) or done == s.steps:
+            write_rollout_samples(run, generator, backend, done)
+    bar.close()
+    return run.export(generator)
+
+
+def write_rollout_samples(run: StageRun, model, backend, step: int, n: int = 4,
+                          horizons: int = 2):
+    """GIFs of few-step rollouts past the training horizon (`horizons` x)."""
+    cfg = run.cfg
+    model.eval()
+    video = generate(model, backend, cfg, n, cfg.video.frames * horizons,
+                     torch.Generator().manual_seed(step), run.device, run.compute_dtype,
+                     autocast=run.autocast())
+    model.train()
+    return run.write_samples(step, video)
