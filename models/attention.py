@@ -146,7 +146,7 @@ class DenseCache(ChunkCache):
         vs = v if self.v[layer] is None else torch.cat([self.v[layer], v], dim=2)
         if not all(keep):
             idx = torch.tensor([i * n + j for i, kp in enumerate(keep) if kp for j in range(n)],
-                               device=k.device)
+                               dtype=torch.long, device=k.device)
             ks, vs = ks.index_select(2, idx), vs.index_select(2, idx)
         self.k[layer], self.v[layer] = ks.contiguous(), vs.contiguous()
         self._committed += 1

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 from .config import ConfigError, bundled_configs, load_config
 
 STAGES = ("teacher", "student", "self-forcing")
+EXIT_STOPPED = 3   # a stage stopped at its --time-limit: resumable, not finished
 
 
 def parse_overrides(items: Sequence[str]) -> dict:
@@ -39,7 +40,6 @@ def parse_overrides(items: Sequence[str]) -> dict:
 
 
 def cmd_train(args) -> int:
-    from .checkpoint import CheckpointError  # noqa: F401  (imported for the error handler)
     from .train.common import default_run_dir
     cfg = load_config(args.config, parse_overrides(args.set))
     stage = args.stage.replace("-", "_")
@@ -51,13 +51,14 @@ def cmd_train(args) -> int:
     progress = not args.no_progress
     if stage == "teacher":
         from .train.teacher import train_teacher
-        out = train_teacher(cfg, run_dir, progress=progress)
+        out = train_teacher(cfg, run_dir, progress=progress, time_limit=args.time_limit)
     elif stage == "student":
         from .train.student import train_student
-        out = train_student(cfg, run_dir, teacher, progress=progress)
+        out = train_student(cfg, run_dir, teacher, progress=progress, time_limit=args.time_limit)
     else:
         from .train.self_forcing import train_self_forcing
-        out = train_self_forcing(cfg, run_dir, teacher, student, pattern=pattern, progress=progress)
+        out = train_self_forcing(cfg, run_dir, teacher, student, pattern=pattern, progress=progress,
+                                 time_limit=args.time_limit)
     print(f"{args.stage} done: weights in {out}, loss curve in {run_dir / 'loss.png'}, "
           f"samples in {run_dir / 'samples'}")
     return 0
@@ -89,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set teacher.steps=100")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+                   help="stop at a checkpoint after MINUTES (exit code 3); the same command resumes")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("configs", help="list the bundled configs")
     p.set_defaults(func=cmd_configs)
@@ -97,12 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .checkpoint import CheckpointError
+    from .train.common import TimeLimitReached
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"sparse-forcing: error: {e}", file=sys.stderr)
         return 2
+    except TimeLimitReached as e:
+        print(f"sparse-forcing: {e}", file=sys.stderr)
+        return EXIT_STOPPED
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is intact; run the same command to resume",
               file=sys.stderr)

@@ -53,8 +53,10 @@ class StageRun:
     """One stage's run: folder, device, processes, progress, checkpoints, pictures."""
 
     def __init__(self, cfg: Config, stage: str, run_dir, info: Optional[DistInfo] = None,
-                 progress: bool = True):
+                 progress: bool = True, time_limit: Optional[float] = None):
         self.cfg, self.stage = cfg, stage
+        # stop at a checkpoint once `time_limit` minutes have passed (resume continues)
+        self.deadline = None if time_limit is None else time.monotonic() + 60 * time_limit
         self.scfg: StageConfig = getattr(cfg, stage)
         self.run_dir = Path(run_dir)
         self.info = info or init_distributed(cfg.device)
@@ -170,6 +172,21 @@ class StageRun:
             ckpt.save_checkpoint(self.run_dir, step, state, meta, self.cfg)
         barrier(self.info)
 
+    def checkpoint(self, done: int, total: int, objects: dict, extra: Optional[dict] = None,
+                   always: bool = False) -> None:
+        """Save every `checkpoint_every` steps and at the end; past the time limit, save and
+        raise `TimeLimitReached` (every process agrees, so none waits on the others)."""
+        late = self.deadline is not None and time.monotonic() > self.deadline
+        if self.info.world_size > 1:
+            flag = torch.tensor([float(late)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            late = bool(flag.item())
+        if always or late or done % self.scfg.checkpoint_every == 0 or done == total:
+            self.save(done, objects, extra)
+            self.plot()
+        if late and done < total:
+            raise TimeLimitReached(self.stage, done, total, self.run_dir)
+
     def export(self, model, name: str = "weights") -> Path:
         """The finished stage's weights as one small bf16 safetensors file."""
         path = self.run_dir / f"{name}.safetensors"
@@ -212,6 +229,15 @@ def per_sample(run: StageRun, step: int, indices: list[int], draw, *purpose: int
     """Stack `draw(generator)` over the samples of a batch, each from its own generator
     (keyed by step, sample and `purpose`), and move the result to the run's device."""
     return torch.stack([draw(run.generator(step, i, *purpose)) for i in indices]).to(run.device)
+
+
+class TimeLimitReached(Exception):
+    """A stage stopped at a checkpoint because its --time-limit ran out; rerun to resume."""
+
+    def __init__(self, stage: str, step: int, total: int, run_dir: Path):
+        self.stage, self.step, self.total, self.run_dir = stage, step, total, run_dir
+        super().__init__(f"{stage}: time limit reached at step {step} of {total}; checkpoint "
+                         f"saved in {run_dir}; run the same command to continue")
 
 
 class Throughput:

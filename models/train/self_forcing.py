@@ -39,8 +39,8 @@ def dmd_times(run, step, idx):
 
 
 def train_self_forcing(cfg, run_dir, teacher, student, pattern: Optional[str] = None,
-                       info=None, progress: bool = True) -> Path:
-    run = StageRun(cfg, "self_forcing", run_dir, info, progress)
+                       info=None, progress: bool = True, time_limit: Optional[float] = None) -> Path:
+    run = StageRun(cfg, "self_forcing", run_dir, info, progress, time_limit)
     s = run.scfg
     pattern = pattern or cfg.attention.pattern
     backend = make_backend(cfg, pattern, device=run.device, dtype=run.compute_dtype)
@@ -107,11 +107,9 @@ def train_self_forcing(cfg, run_dir, teacher, student, pattern: Optional[str] = 
             bar.set_postfix(dmd=f"{dmd_loss.item():.4f}", fake=f"{fake_loss.item():.4f}",
                             clips_per_s=f"{speed.rate():.2f}")
         bar.update(1)
-        if done % s.checkpoint_every == 0 or done == s.steps:
-            run.save(done, objects, extra={"pattern": str(pattern)})
-            run.plot()
         if (s.sample_every and done % s.sample_every == 0) or done == s.steps:
             write_rollout_samples(run, generator, backend, done)
+        run.checkpoint(done, s.steps, objects, extra={"pattern": str(pattern)})
     bar.close()
     return run.export(generator)
 

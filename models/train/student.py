@@ -18,6 +18,7 @@ follow. Two phases in one run (steps count across both):
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -63,8 +64,9 @@ def chunk_times(run, step, idx, shift):
     return t.repeat_interleave(cfg.video.chunk_frames, dim=1)
 
 
-def train_student(cfg, run_dir, teacher, info=None, progress: bool = True) -> Path:
-    run = StageRun(cfg, "student", run_dir, info, progress)
+def train_student(cfg, run_dir, teacher, info=None, progress: bool = True,
+                  time_limit: Optional[float] = None) -> Path:
+    run = StageRun(cfg, "student", run_dir, info, progress, time_limit)
     s = run.scfg
     total = s.ar_steps + s.steps
     model = load_stage_weights(cfg, teacher, "teacher", run.device)
@@ -114,13 +116,11 @@ def _finish_step(run, bar, speed, model, opt, objects, step, loss, name, total):
         run.log(done, **{name: loss.item(), "grad_norm": grad_norm})
         bar.set_postfix(**{name: f"{loss.item():.4f}", "clips_per_s": f"{speed.rate():.1f}"})
     bar.update(1)
-    # the switch between the phases is always a checkpoint: the ODE pairs are drawn from
-    # exactly the phase-1 weights, also after a resume
-    if done % s.checkpoint_every == 0 or done in (s.ar_steps, total):
-        run.save(done, objects)
-        run.plot()
     if (s.sample_every and done % s.sample_every == 0) or done == total:
         write_student_samples(run, model, done)
+    # the switch between the phases is always a checkpoint: the ODE pairs are drawn from
+    # exactly the phase-1 weights, also after a resume
+    run.checkpoint(done, total, objects, always=done == s.ar_steps)
 
 
 def ode_pairs(run: StageRun, model):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -20,8 +21,9 @@ LABEL_DROPOUT = 0.1   # classifier-free guidance needs the unconditional model t
 TIME, NOISE, LABEL = 1, 2, 3   # streams of one sample's random draws
 
 
-def train_teacher(cfg, run_dir, info=None, progress: bool = True) -> Path:
-    run = StageRun(cfg, "teacher", run_dir, info, progress)
+def train_teacher(cfg, run_dir, info=None, progress: bool = True,
+                  time_limit: Optional[float] = None) -> Path:
+    run = StageRun(cfg, "teacher", run_dir, info, progress, time_limit)
     s = run.scfg
     model = run.new_model()
     opt = run.optimizer(model, s.lr)
@@ -59,11 +61,9 @@ def train_teacher(cfg, run_dir, info=None, progress: bool = True) -> Path:
             run.log(done, loss=loss.item(), grad_norm=grad_norm)
             bar.set_postfix(loss=f"{loss.item():.4f}", clips_per_s=f"{speed.rate():.1f}")
         bar.update(1)
-        if done % s.checkpoint_every == 0 or done == s.steps:
-            run.save(done, objects)
-            run.plot()
         if (s.sample_every and done % s.sample_every == 0) or done == s.steps:
             write_teacher_samples(run, ema or model, done)
+        run.checkpoint(done, s.steps, objects)
     bar.close()
     return run.export(ema or model)
 
