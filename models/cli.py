@@ -64,6 +64,14 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .train.common import export_run
+    cfg = load_config(args.config, parse_overrides(args.set))
+    path = export_run(cfg, args.run_dir, args.out)
+    print(f"weights of {args.run_dir}'s last checkpoint written to {path}")
+    return 0
+
+
 def cmd_configs(args) -> int:
     for name in bundled_configs():
         cfg = load_config(name)
@@ -93,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                    help="stop at a checkpoint after MINUTES (exit code 3); the same command resumes")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("export", help="write the weights of a run's last checkpoint "
+                                      "(e.g. a stage stopped by --time-limit)")
+    p.add_argument("run_dir")
+    p.add_argument("--config", default="small")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", default=None, help="default RUN_DIR/weights.safetensors")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("configs", help="list the bundled configs")
     p.set_defaults(func=cmd_configs)
     return parser

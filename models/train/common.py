@@ -57,6 +57,7 @@ class StageRun:
         self.cfg, self.stage = cfg, stage
         # stop at a checkpoint once `time_limit` minutes have passed (resume continues)
         self.deadline = None if time_limit is None else time.monotonic() + 60 * time_limit
+        self.started = time.monotonic()
         self.scfg: StageConfig = getattr(cfg, stage)
         self.run_dir = Path(run_dir)
         self.info = info or init_distributed(cfg.device)
@@ -160,6 +161,7 @@ class StageRun:
                                        f"{self.stage!r}; use another --run-dir")
         for name, obj in state_objects.items():
             obj.load_state_dict(state[name])
+        self.resumed_at = int(meta["step"])
         self.history = {k: [tuple(x) for x in v] for k, v in meta.get("history", {}).items()}
         if self.progress:
             print(f"resuming {self.stage} from step {meta['step']} ({self.run_dir})", flush=True)
@@ -187,10 +189,27 @@ class StageRun:
         if late and done < total:
             raise TimeLimitReached(self.stage, done, total, self.run_dir)
 
-    def export(self, model, name: str = "weights") -> Path:
+    def summary(self, steps_done: int) -> dict:
+        """Wall time and throughput of this process's part of the run (summary.json)."""
+        wall = time.monotonic() - self.started
+        steps = steps_done - getattr(self, "resumed_at", 0)
+        out = {"stage": self.stage, "config": self.cfg.name, "steps": steps_done,
+               "steps_this_run": steps, "wall_s": round(wall, 1),
+               "clips_per_s": round(steps * self.scfg.batch / max(wall, 1e-9), 2),
+               "device": (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
+                          else "cpu"), "processes": self.info.world_size}
+        if self.device.type == "cuda":
+            out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+        return out
+
+    def export(self, model, name: str = "weights", steps_done: Optional[int] = None) -> Path:
         """The finished stage's weights as one small bf16 safetensors file."""
         path = self.run_dir / f"{name}.safetensors"
         if self.main:
+            summary = self.summary(steps_done if steps_done is not None else self.scfg.steps)
+            with ckpt.atomic_path(self.run_dir / "summary.json") as tmp:
+                tmp.write_text(json.dumps(summary, indent=1))
+            print(" ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
             ckpt.export_weights(path, model.state_dict(), self.cfg,
                                 meta={"stage": self.stage})
         barrier(self.info)
@@ -256,6 +275,22 @@ class Throughput:
         return r
 
 
+EXPORTED_STATE = ("ema", "generator", "model")   # what a stage's weights are, by preference
+
+
+def export_run(cfg: Config, run_dir, out=None) -> Path:
+    """Export the weights of a run's last checkpoint (a stage stopped by --time-limit, or
+    an earlier step of a finished one): the EMA for the teacher, the generator for
+    self-forcing, else the model."""
+    run_dir = Path(run_dir)
+    state, meta = ckpt.load_checkpoint(run_dir, cfg=cfg)
+    key = next(k for k in EXPORTED_STATE if k in state)
+    path = Path(out) if out else run_dir / "weights.safetensors"
+    ckpt.export_weights(path, state[key], cfg, meta={"stage": meta.get("stage"),
+                                                       "step": meta["step"], "state": key})
+    return path
+
+
 def load_stage_weights(cfg: Config, source, stage_hint: str, device) -> CausalDiT:
     """A model with the weights of a finished stage: a run folder (its exported
     `<name>.safetensors`, else its last checkpoint) or a .safetensors file."""
@@ -266,8 +301,7 @@ def load_stage_weights(cfg: Config, source, stage_hint: str, device) -> CausalDi
             path = path / "weights.safetensors"
         else:
             state, _ = ckpt.load_checkpoint(path, cfg=cfg)
-            key = "ema" if "ema" in state else ("generator" if "generator" in state else "model")
-            model.load_state_dict(state[key])
+            model.load_state_dict(state[next(k for k in EXPORTED_STATE if k in state)])
             return model.to(device)
     if not path.exists():
         raise FileNotFoundError(f"{source}: no such {stage_hint} run folder or weights file; "

@@ -38,40 +38,38 @@ def dmd_times(run, step, idx):
                       DMD_TIME)
 
 
-def train_self_forcing(cfg, run_dir, teacher, student, pattern: Optional[str] = None,
-                       info=None, progress: bool = True, time_limit: Optional[float] = None) -> Path:
-    run = StageRun(cfg, "self_forcing", run_dir, info, progress, time_limit)
-    s = run.scfg
-    pattern = pattern or cfg.attention.pattern
-    backend = make_backend(cfg, pattern, device=run.device, dtype=run.compute_dtype)
-    generator = load_stage_weights(cfg, student, "student", run.device)
-    real = load_stage_weights(cfg, teacher, "teacher", run.device).requires_grad_(False).eval()
-    fake = copy.deepcopy(real).requires_grad_(True).train()
-    # Self-Forcing: AdamW with beta1 = 0 for both the generator and the critic
-    gen_opt = run.optimizer(generator, s.lr, betas=(0.0, 0.999))
-    fake_lr = s.fake_lr or s.lr
-    fake_opt = run.optimizer(fake, fake_lr, betas=(0.0, 0.999))
-    objects = {"generator": generator, "fake": fake, "gen_optim": gen_opt, "fake_optim": fake_opt}
-    start = run.resume(objects)
-    v = cfg.video
-    frames = s.rollout_frames or v.frames
-    c = v.chunk_frames
-    times = denoising_times(cfg.flow.denoising_steps, cfg.flow.shift)
-    whole = SequenceAttention(None, cfg.tokens_per_frame)
-    speed = Throughput()
-    bar = run.bar(start, s.steps, f"self-forcing [{backend.name}]")
-    if run.progress:
-        print(f"attention in the loop: {backend.describe()}", flush=True)
-    for step in range(start, s.steps):
+class SelfForcingStep:
+    """The models, optimisers and one training step of stage c (also timed by
+    bench/model_step.py)."""
+
+    def __init__(self, run: StageRun, backend, generator, real, fake):
+        s = run.scfg
+        self.run, self.backend = run, backend
+        self.generator, self.real, self.fake = generator, real, fake
+        # Self-Forcing: AdamW with beta1 = 0 for both the generator and the critic
+        self.gen_opt = run.optimizer(generator, s.lr, betas=(0.0, 0.999))
+        self.fake_lr = s.fake_lr or s.lr
+        self.fake_opt = run.optimizer(fake, self.fake_lr, betas=(0.0, 0.999))
+        self.frames = s.rollout_frames or run.cfg.video.frames
+        self.times = denoising_times(run.cfg.flow.denoising_steps, run.cfg.flow.shift)
+        self.whole = SequenceAttention(None, run.cfg.tokens_per_frame)
+
+    def state_objects(self) -> dict:
+        return {"generator": self.generator, "fake": self.fake, "gen_optim": self.gen_opt,
+                "fake_optim": self.fake_opt}
+
+    def __call__(self, step: int) -> dict:
+        run, cfg, s = self.run, self.run.cfg, self.run.scfg
+        v, frames, times = cfg.video, self.frames, self.times
+        c = v.chunk_frames
         idx = run.local_indices(step)
-        b = len(idx)
         # 1. the rollout, gradient through one random denoising step per chunk
         exits = torch.randint(len(times), (frames // c,), generator=run.generator(step, -1)).tolist()
         noises = per_sample(run, step, idx, lambda g: torch.randn(
             frames // c, len(times), c, v.channels, v.height, v.width, generator=g))
-        cache = backend.new_cache(b, run.device, run.compute_dtype, max_frames=frames)
+        cache = self.backend.new_cache(len(idx), run.device, run.compute_dtype, max_frames=frames)
         with run.autocast():
-            video = rollout(generator, cache, lambda i, j: noises[:, i, j], frames, times,
+            video = rollout(self.generator, cache, lambda i, j: noises[:, i, j], frames, times,
                             exit_steps=exits).float()
         cache_bytes = cache.nbytes()
         del cache
@@ -83,28 +81,49 @@ def train_self_forcing(cfg, run_dir, teacher, student, pattern: Optional[str] = 
             eps = per_sample(run, step, idx, lambda g: torch.randn(x0.shape[1:], generator=g),
                              FAKE_NOISE, u)
             with run.autocast():
-                pred = fake(add_noise(x0, eps, t), t, whole)
+                pred = self.fake(add_noise(x0, eps, t), t, self.whole)
             fake_loss = velocity_loss(pred, x0, t)
-            run.set_lr(fake_opt, step, fake_lr)
-            run.sync_and_step(fake, fake_opt, fake_loss)
+            run.set_lr(self.fake_opt, step, self.fake_lr)
+            run.sync_and_step(self.fake, self.fake_opt, fake_loss)
         # 3. DMD: move the rollout along fake - real at a random noise level
         t = dmd_times(run, step, idx).expand(-1, frames)
         eps = per_sample(run, step, idx, lambda g: torch.randn(x0.shape[1:], generator=g), DMD_NOISE)
         with torch.no_grad(), run.autocast():
             x_t = add_noise(x0, eps, t)
-            real_x0 = real(x_t, t, whole).float()
-            fake_x0 = fake(x_t, t, whole).float()
+            real_x0 = self.real(x_t, t, self.whole).float()
+            fake_x0 = self.fake(x_t, t, self.whole).float()
         norm = (x0 - real_x0).abs().mean(dim=(1, 2, 3, 4), keepdim=True).clamp(min=1e-6)
         grad = (fake_x0 - real_x0) / norm
         dmd_loss = 0.5 * torch.mean((video - (x0 - grad)) ** 2)
-        run.set_lr(gen_opt, step, s.lr)
-        grad_norm = run.sync_and_step(generator, gen_opt, dmd_loss)
+        run.set_lr(self.gen_opt, step, s.lr)
+        grad_norm = run.sync_and_step(self.generator, self.gen_opt, dmd_loss)
+        return {"dmd_loss": dmd_loss.item(), "fake_loss": fake_loss.item(),
+                "grad_norm": grad_norm, "cache_mib": cache_bytes / 2**20}
+
+
+def train_self_forcing(cfg, run_dir, teacher, student, pattern: Optional[str] = None,
+                       info=None, progress: bool = True, time_limit: Optional[float] = None) -> Path:
+    run = StageRun(cfg, "self_forcing", run_dir, info, progress, time_limit)
+    s = run.scfg
+    pattern = pattern or cfg.attention.pattern
+    backend = make_backend(cfg, pattern, device=run.device, dtype=run.compute_dtype)
+    generator = load_stage_weights(cfg, student, "student", run.device)
+    real = load_stage_weights(cfg, teacher, "teacher", run.device).requires_grad_(False).eval()
+    fake = copy.deepcopy(real).requires_grad_(True).train()
+    train_step = SelfForcingStep(run, backend, generator, real, fake)
+    objects = train_step.state_objects()
+    start = run.resume(objects)
+    speed = Throughput()
+    bar = run.bar(start, s.steps, f"self-forcing [{backend.name}]")
+    if run.progress:
+        print(f"attention in the loop: {backend.describe()}", flush=True)
+    for step in range(start, s.steps):
+        metrics = train_step(step)
         speed.add(s.batch)
         done = step + 1
         if done % s.log_every == 0 or done == s.steps:
-            run.log(done, dmd_loss=dmd_loss.item(), fake_loss=fake_loss.item(), grad_norm=grad_norm,
-                    cache_mib=cache_bytes / 2**20)
-            bar.set_postfix(dmd=f"{dmd_loss.item():.4f}", fake=f"{fake_loss.item():.4f}",
+            run.log(done, **metrics)
+            bar.set_postfix(dmd=f"{metrics['dmd_loss']:.4f}", fake=f"{metrics['fake_loss']:.4f}",
                             clips_per_s=f"{speed.rate():.2f}")
         bar.update(1)
         if (s.sample_every and done % s.sample_every == 0) or done == s.steps:

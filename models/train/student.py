@@ -103,7 +103,7 @@ def train_student(cfg, run_dir, teacher, info=None, progress: bool = True,
             loss = torch.mean((x0_hat.float() - clean) ** 2)
             _finish_step(run, bar, speed, model, opt, objects, step, loss, "ode_loss", total)
     bar.close()
-    return run.export(model)
+    return run.export(model, steps_done=total)
 
 
 def _finish_step(run, bar, speed, model, opt, objects, step, loss, name, total):
