@@ -27,6 +27,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
+import codegen  # noqa: F401  (registers the triton and torch backends without an install)
 import sparsedsl as sd
 from sparsedsl import presets
 

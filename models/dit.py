@@ -102,13 +102,18 @@ class Block(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, m.dim) / m.dim ** 0.5)
 
     def forward(self, x, time_mod, tokens_per_frame: int, cos, sin, attend, layer, context):
-        # time_mod [B, F, 6, dim] -> per token by repeating over the frame's tokens
-        mod = (time_mod + self.modulation[:, None]).repeat_interleave(tokens_per_frame, dim=1)
+        # time_mod [B, F, 6, dim]: applied per frame by viewing x as [B, F, tokens, dim]
+        # (no per-token copy of the modulation)
+        B, N, D = x.shape
+        mod = (time_mod + self.modulation[:, None])[:, :, :, None]     # [B, F, 6, 1, dim]
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(2)
-        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin, attend, layer)
+        per_frame = (B, N // tokens_per_frame, tokens_per_frame, D)
+        h = modulate(self.norm1(x).view(per_frame), shift1, scale1).view(B, N, D)
+        x = x + (gate1 * self.attn(h, cos, sin, attend, layer).view(per_frame)).view(B, N, D)
         if self.cross is not None:
             x = x + self.cross(self.norm_cross(x), context)
-        return x + gate2 * self.ffn(modulate(self.norm2(x), shift2, scale2))
+        h = modulate(self.norm2(x).view(per_frame), shift2, scale2).view(B, N, D)
+        return x + (gate2 * self.ffn(h).view(per_frame)).view(B, N, D)
 
 
 class CausalDiT(nn.Module):
@@ -195,10 +200,9 @@ class CausalDiT(nn.Module):
         x = self.embed(self.patchify(video))
         for i, blk in enumerate(self.blocks):
             x = blk(x, time_mod, self.tokens_per_frame, cos, sin, attend, i, ctx)
-        shift, scale = (emb[:, :, None] + self.head_modulation[:, None]).unbind(2)
-        shift = shift.repeat_interleave(self.tokens_per_frame, dim=1)
-        scale = scale.repeat_interleave(self.tokens_per_frame, dim=1)
-        out = self.head(modulate(self.head_norm(x), shift, scale))
+        shift, scale = (emb[:, :, None] + self.head_modulation[:, None])[:, :, :, None].unbind(2)
+        h = modulate(self.head_norm(x).view(B, Fr, self.tokens_per_frame, -1), shift, scale)
+        out = self.head(h.view(B, Fr * self.tokens_per_frame, -1))
         return self.unpatchify(out, Fr)
 
 

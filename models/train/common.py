@@ -131,7 +131,10 @@ class StageRun:
 
     @staticmethod
     @torch.no_grad()
-    def update_ema(ema, model, decay: float) -> None:
+    def update_ema(ema, model, decay: float, step: int) -> None:
+        """EMA with a warm-up ((1 + s) / (10 + s) caps the decay early), so that a short
+        run's average is not dominated by the initial weights."""
+        decay = min(decay, (1 + step) / (10 + step))
         for e, p in zip(ema.parameters(), model.parameters()):
             e.lerp_(p.detach(), 1 - decay)
 
@@ -175,7 +178,7 @@ class StageRun:
         barrier(self.info)
 
     def checkpoint(self, done: int, total: int, objects: dict, extra: Optional[dict] = None,
-                   always: bool = False) -> None:
+                   always: bool = False, on_stop=None) -> None:
         """Save every `checkpoint_every` steps and at the end; past the time limit, save and
         raise `TimeLimitReached` (every process agrees, so none waits on the others)."""
         late = self.deadline is not None and time.monotonic() > self.deadline
@@ -187,6 +190,8 @@ class StageRun:
             self.save(done, objects, extra)
             self.plot()
         if late and done < total:
+            if on_stop is not None:
+                on_stop()   # e.g. sample GIFs of the weights reached
             raise TimeLimitReached(self.stage, done, total, self.run_dir)
 
     def summary(self, steps_done: int) -> dict:

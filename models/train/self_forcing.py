@@ -128,7 +128,8 @@ def train_self_forcing(cfg, run_dir, teacher, student, pattern: Optional[str] = 
         bar.update(1)
         if (s.sample_every and done % s.sample_every == 0) or done == s.steps:
             write_rollout_samples(run, generator, backend, done)
-        run.checkpoint(done, s.steps, objects, extra={"pattern": str(pattern)})
+        run.checkpoint(done, s.steps, objects, extra={"pattern": str(pattern)},
+                       on_stop=lambda: write_rollout_samples(run, generator, backend, done))
     bar.close()
     return run.export(generator)
 

@@ -120,7 +120,8 @@ def _finish_step(run, bar, speed, model, opt, objects, step, loss, name, total):
         write_student_samples(run, model, done)
     # the switch between the phases is always a checkpoint: the ODE pairs are drawn from
     # exactly the phase-1 weights, also after a resume
-    run.checkpoint(done, total, objects, always=done == s.ar_steps)
+    run.checkpoint(done, total, objects, always=done == s.ar_steps,
+                   on_stop=lambda: write_student_samples(run, model, done))
 
 
 def ode_pairs(run: StageRun, model):

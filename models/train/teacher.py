@@ -54,7 +54,7 @@ def train_teacher(cfg, run_dir, info=None, progress: bool = True,
         run.set_lr(opt, step, s.lr)
         grad_norm = run.sync_and_step(model, opt, loss)
         if ema is not None:
-            run.update_ema(ema, model, s.ema)
+            run.update_ema(ema, model, s.ema, step)
         speed.add(s.batch)
         done = step + 1
         if done % s.log_every == 0 or done == s.steps:
@@ -63,7 +63,8 @@ def train_teacher(cfg, run_dir, info=None, progress: bool = True,
         bar.update(1)
         if (s.sample_every and done % s.sample_every == 0) or done == s.steps:
             write_teacher_samples(run, ema or model, done)
-        run.checkpoint(done, s.steps, objects)
+        run.checkpoint(done, s.steps, objects,
+                       on_stop=lambda: write_teacher_samples(run, ema or model, done))
     bar.close()
     return run.export(ema or model)
 
