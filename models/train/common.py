@@ -99,7 +99,13 @@ class StageRun:
         return shard_batch(list(range(step * B, (step + 1) * B)), self.info)
 
     def new_model(self) -> CausalDiT:
-        return CausalDiT(self.cfg).to(self.device)
+        """A freshly initialised model, the same in every process and every run of this
+        seed (its initialisation draws from a generator keyed by the stage seed, not from
+        torch's global one)."""
+        init_seed = self.generator(-2, -2).initial_seed()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            return CausalDiT(self.cfg).to(self.device)
 
     def optimizer(self, model, lr: float, betas=(0.9, 0.999)) -> torch.optim.Optimizer:
         return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas,
