@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from ..attention import SequenceAttention, make_backend
-from ..flow import add_noise, denoising_times, sample_times, velocity_loss
+from ..flow import add_noise, denoising_times, sample_times, shifted, velocity_loss
 from ..rollout import rollout
 from ..sampling import generate
 from .common import StageRun, Throughput, load_stage_weights, per_sample
@@ -33,9 +33,14 @@ FAKE_TIME, FAKE_NOISE, DMD_TIME, DMD_NOISE = 1, 2, 3, 4
 
 
 def dmd_times(run, step, idx):
+    """Uniform in DMD_T_RANGE, then time-shifted as Self-Forcing does: unshifted, most draws
+    fall at low noise, where (fake - real) is the two denoisers' disagreement on the
+    noise itself, and the normalised gradient taught the generator per-patch noise (the
+    first GPU runs, docs/training.md)."""
     lo, hi = DMD_T_RANGE
-    return per_sample(run, step, idx, lambda g: lo + (hi - lo) * torch.rand((1,), generator=g),
-                      DMD_TIME)
+    return shifted(per_sample(run, step, idx,
+                              lambda g: lo + (hi - lo) * torch.rand((1,), generator=g),
+                              DMD_TIME), run.cfg.flow.shift)
 
 
 class SelfForcingStep:
