@@ -81,6 +81,29 @@ class SequenceAttention:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.token_mask(q.device))
 
 
+class TeacherForcingAttention:
+    """`teacher_forcing_mask` computed chunk by chunk with unmasked SDPA calls (the flash
+    path), instead of one SDPA under a [2N, 2N] boolean mask, which leaves it: clean chunk i
+    attends clean chunks <= i; noisy chunk i attends clean chunks < i and itself. Same
+    result (tests/test_model.py), a fraction of the time on a GPU."""
+
+    def __init__(self, frames: int, chunk_frames: int, tokens_per_frame: int):
+        self.frames, self.chunk_tokens = frames, chunk_frames * tokens_per_frame
+        self.chunks = frames // chunk_frames
+
+    def __call__(self, layer: int, q, k, v):
+        n, half = self.chunk_tokens, q.shape[2] // 2
+        out = torch.empty_like(q)
+        for i in range(self.chunks):
+            clean, noisy = slice(i * n, (i + 1) * n), slice(half + i * n, half + (i + 1) * n)
+            out[:, :, clean] = F.scaled_dot_product_attention(q[:, :, clean], k[:, :, :(i + 1) * n],
+                                                              v[:, :, :(i + 1) * n])
+            keys = torch.cat([k[:, :, :i * n], k[:, :, noisy]], dim=2)
+            values = torch.cat([v[:, :, :i * n], v[:, :, noisy]], dim=2)
+            out[:, :, noisy] = F.scaled_dot_product_attention(q[:, :, noisy], keys, values)
+        return out
+
+
 # =========================================================================================
 # rollouts: chunk caches
 # =========================================================================================

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .attention import SequenceAttention, bidirectional_mask
+from .attention import SequenceAttention
 from .config import Config
 from .flow import denoising_times, euler_step, sampling_grid
 from .rollout import gaussian_noise, rollout

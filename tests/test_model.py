@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from models.attention import (DenseBackend, PatternBackend, SequenceAttention,
-                              block_causal_mask, make_backend, model_layout, resolve_pattern,
-                              teacher_forcing_mask)
+                              TeacherForcingAttention, block_causal_mask, make_backend,
+                              model_layout, resolve_pattern, teacher_forcing_mask)
 from models.config import ConfigError, load_config
 from models.dit import CausalDiT
 from models.flow import denoising_times
@@ -90,6 +90,17 @@ def test_teacher_forcing_sequence_equals_the_chunk_rollout():
             out = model(noisy[:, sl], t[:, sl], cache.reader(), frame_start=i * c)
             torch.testing.assert_close(out, seq[:, sl], rtol=1e-4, atol=1e-4)
             model(clean[:, sl], torch.zeros_like(t[:, sl]), cache.writer(), frame_start=i * c)
+
+
+def test_chunked_teacher_forcing_equals_the_masked_sequence():
+    """The student's fast teacher-forcing attention (unmasked SDPA per chunk) computes
+    exactly the teacher-forcing mask."""
+    F_, c, n = CFG.video.frames, CFG.video.chunk_frames, CFG.tokens_per_frame
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(3, 2, 2, 2 * F_ * n, 8, generator=g).unbind(0)
+    masked = SequenceAttention(teacher_forcing_mask(F_, c), n)(0, q, k, v)
+    chunked = TeacherForcingAttention(F_, c, n)(0, q, k, v)
+    torch.testing.assert_close(chunked, masked, rtol=1e-5, atol=1e-5)
 
 
 def test_block_causal_sequence_hides_the_future():

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from ..attention import DenseBackend, SequenceAttention, teacher_forcing_mask
+from ..attention import DenseBackend, TeacherForcingAttention
 from ..flow import add_noise, sample_times, velocity_loss
 from ..sampling import ar_ode_rollout, generate, ode_grid
 from .common import StageRun, Throughput, load_stage_weights, per_sample
@@ -36,7 +36,7 @@ TIME, NOISE = 1, 2   # streams of one sample's random draws
 def teacher_forced(model, run: StageRun, clean, noisy, t_noisy, label=None):
     """x0 predictions of the noisy copy given the clean copy as causal context."""
     cfg = run.cfg
-    F_, c = cfg.video.frames, cfg.video.chunk_frames
+    F_ = cfg.video.frames
     attend = teacher_forcing_attention(cfg)
     t = torch.cat([torch.zeros_like(t_noisy), t_noisy], dim=1)
     positions = torch.cat([torch.arange(F_), torch.arange(F_)])
@@ -46,14 +46,8 @@ def teacher_forced(model, run: StageRun, clean, noisy, t_noisy, label=None):
     return out[:, F_:]
 
 
-_TF_ATTENTION: dict = {}
-
-
-def teacher_forcing_attention(cfg) -> SequenceAttention:
-    key = (cfg.video.frames, cfg.video.chunk_frames, cfg.tokens_per_frame)
-    if key not in _TF_ATTENTION:   # the token mask is built once per geometry and device
-        _TF_ATTENTION[key] = SequenceAttention(teacher_forcing_mask(*key[:2]), key[2])
-    return _TF_ATTENTION[key]
+def teacher_forcing_attention(cfg) -> TeacherForcingAttention:
+    return TeacherForcingAttention(cfg.video.frames, cfg.video.chunk_frames, cfg.tokens_per_frame)
 
 
 def chunk_times(run, step, idx, shift):
