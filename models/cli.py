@@ -51,10 +51,12 @@ def cmd_train(args) -> int:
     progress = not args.no_progress
     if stage == "teacher":
         from .train.teacher import train_teacher
-        out = train_teacher(cfg, run_dir, progress=progress, time_limit=args.time_limit)
+        out = train_teacher(cfg, run_dir, progress=progress, time_limit=args.time_limit,
+                            data=args.data)
     elif stage == "student":
         from .train.student import train_student
-        out = train_student(cfg, run_dir, teacher, progress=progress, time_limit=args.time_limit)
+        out = train_student(cfg, run_dir, teacher, progress=progress, time_limit=args.time_limit,
+                            data=args.data)
     else:
         from .train.self_forcing import train_self_forcing
         out = train_self_forcing(cfg, run_dir, teacher, student, pattern=pattern, progress=progress,
@@ -97,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student", default=None, help="student run folder or weights file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set teacher.steps=100")
+    p.add_argument("--data", default=None, metavar="FOLDER",
+                   help="teacher/student: train on a folder of your own .npy/.npz/.mp4 videos "
+                        "instead of the procedural world")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                    help="stop at a checkpoint after MINUTES (exit code 3); the same command resumes")
@@ -116,10 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .checkpoint import CheckpointError
     from .train.common import TimeLimitReached
+    from .video_files import VideoFileError
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, VideoFileError) as e:
         print(f"sparse-forcing: error: {e}", file=sys.stderr)
         return 2
     except TimeLimitReached as e:

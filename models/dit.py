@@ -182,7 +182,7 @@ class CausalDiT(nn.Module):
         if t.shape != (B, Fr):
             raise ValueError(f"t.shape = {tuple(t.shape)}: expected (batch, frames) = {(B, Fr)}")
         if frame_positions is None:
-            frame_positions = torch.arange(Fr) + frame_start
+            frame_positions = torch.arange(Fr, device="cpu") + frame_start
         cos, sin = rope_angles(frame_positions.cpu(), self.rows, self.cols,
                                self.cfg.head_dim, self.cfg.model.rope_theta)
         cos, sin = cos.to(video.device), sin.to(video.device)

@@ -19,7 +19,7 @@ def split_dims(head_dim: int) -> tuple[int, int, int]:
 
 
 def _freqs(dim: int, theta: float) -> torch.Tensor:
-    return theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / max(dim, 1))
+    return theta ** (-torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / max(dim, 1))
 
 
 def rope_angles(frames: torch.Tensor, rows: int, cols: int, head_dim: int,
@@ -27,9 +27,11 @@ def rope_angles(frames: torch.Tensor, rows: int, cols: int, head_dim: int,
     """cos, sin [len(frames) * rows * cols, head_dim // 2] for the raster tokens of `frames`
     (a 1-D tensor of frame positions)."""
     dt, dh, dw = split_dims(head_dim)
-    f = frames.to(torch.float64)[:, None, None].expand(-1, rows, cols).reshape(-1)
-    y = torch.arange(rows, dtype=torch.float64)[None, :, None].expand(len(frames), rows, cols).reshape(-1)
-    x = torch.arange(cols, dtype=torch.float64)[None, None, :].expand(len(frames), rows, cols).reshape(-1)
+    # computed on the CPU in float64 (positions far past the horizon keep their precision)
+    cpu = dict(dtype=torch.float64, device="cpu")
+    f = frames.to(**cpu)[:, None, None].expand(-1, rows, cols).reshape(-1)
+    y = torch.arange(rows, **cpu)[None, :, None].expand(len(frames), rows, cols).reshape(-1)
+    x = torch.arange(cols, **cpu)[None, None, :].expand(len(frames), rows, cols).reshape(-1)
     angles = torch.cat([f[:, None] * _freqs(dt, theta), y[:, None] * _freqs(dh, theta),
                         x[:, None] * _freqs(dw, theta)], dim=1)
     return angles.cos().float(), angles.sin().float()

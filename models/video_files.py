@@ -52,8 +52,8 @@ class VideoFolder(Dataset):
         self.files = sorted(p for p in self.folder.iterdir()
                             if p.suffix.lower() in SUFFIXES and p.is_file())
         if not self.files:
-            raise ValueError(f"{self.folder}: no video files ({', '.join(SUFFIXES)}) "
-                             "in this folder")
+            raise VideoFileError(self.folder, f"no video files ({', '.join(SUFFIXES)}) "
+                                 "in this folder")
         self._npz_key: dict[Path, str] = {}
         self._decoded: dict[Path, np.ndarray] = {}
         self.windows: list[tuple[Path, int]] = []

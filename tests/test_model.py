@@ -184,3 +184,40 @@ def test_bad_pattern_and_preset_options():
         CFG.attention, presets={"sparse-forcing": {"capacityy": 3}}))
     with pytest.raises(ConfigError, match="attention.presets.sparse-forcing"):
         resolve_pattern("sparse-forcing", cfg)
+
+
+def test_wan_config_has_wan_shapes_and_runs_a_chunk_on_meta():
+    """wan-1.3b: Wan2.1-T2V-1.3B's shapes (about 1.4B parameters with the text
+    cross-attention), and one chunk's forward is well-formed (meta tensors: no memory)."""
+    cfg = load_config("wan-1.3b")
+    assert (cfg.model.dim, cfg.model.layers, cfg.model.heads, cfg.head_dim, cfg.model.ffn) == \
+        (1536, 30, 12, 128, 8960)
+    assert cfg.tokens_per_frame == 1560 and cfg.video.chunk_frames == 3
+    with torch.device("meta"):
+        model = CausalDiT(cfg)
+        assert 1.3e9 < sum(p.numel() for p in model.parameters()) < 1.5e9
+        x = torch.empty(1, 3, 16, 60, 104)
+        cache = DenseBackend(cfg).new_cache(1, "meta", torch.float32)
+        out = model(x, torch.zeros(1, 3), cache.reader())
+    assert out.shape == x.shape
+
+
+def test_conditional_configs_are_refused_by_the_causal_stages(tmp_path):
+    from models.train.common import require_unconditional
+    cfg = load_config("tiny", overrides={"model.num_classes": 2})
+    with pytest.raises(ConfigError, match="model.num_classes"):
+        require_unconditional(cfg, "student")
+
+
+def test_teacher_trains_on_a_folder_of_user_videos(tmp_path):
+    import numpy as np
+    from models.cli import main
+    for i in range(2):
+        np.save(tmp_path / f"clip{i}.npy",
+                np.random.default_rng(i).integers(0, 255, (12, 20, 24, 3), dtype=np.uint8))
+    run_dir = tmp_path / "run"
+    assert main(["train", "teacher", "--config", "tiny", "--run-dir", str(run_dir), "--data",
+                 str(tmp_path), "--no-progress", "--set", "teacher.steps=2"]) == 0
+    assert (run_dir / "weights.safetensors").is_file()
+    assert main(["train", "teacher", "--config", "tiny", "--run-dir", str(tmp_path / "r2"),
+                 "--data", str(tmp_path / "missing"), "--no-progress"]) == 2

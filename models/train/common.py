@@ -28,8 +28,9 @@ from tqdm import tqdm
 
 from .. import checkpoint as ckpt
 from .. import media
-from ..config import Config, StageConfig
+from ..config import Config, ConfigError, StageConfig
 from ..data import WorldClips, to_uint8
+from ..video_files import VideoFolder
 from ..distributed import DistInfo, barrier, init_distributed, is_main, shard_batch
 from ..dit import CausalDiT
 
@@ -53,8 +54,10 @@ class StageRun:
     """One stage's run: folder, device, processes, progress, checkpoints, pictures."""
 
     def __init__(self, cfg: Config, stage: str, run_dir, info: Optional[DistInfo] = None,
-                 progress: bool = True, time_limit: Optional[float] = None):
+                 progress: bool = True, time_limit: Optional[float] = None,
+                 data: Optional[str] = None):
         self.cfg, self.stage = cfg, stage
+        self.data = data      # a folder of the user's videos instead of the procedural world
         # stop at a checkpoint once `time_limit` minutes have passed (resume continues)
         self.deadline = None if time_limit is None else time.monotonic() + 60 * time_limit
         self.started = time.monotonic()
@@ -148,7 +151,10 @@ class StageRun:
     def clips(self, start_step: int, steps: int) -> Iterator[dict]:
         """This rank's share of every global batch from `start_step` on (a DataLoader with
         worker processes over the procedural world)."""
-        dataset = WorldClips(self.cfg, base_seed=1_000_003 * self.scfg.seed)
+        if self.data is None:
+            dataset = WorldClips(self.cfg, base_seed=1_000_003 * self.scfg.seed)
+        else:
+            dataset = _Cycled(VideoFolder(self.data, self.cfg))
         batches = [self.local_indices(s) for s in range(start_step, steps)]
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches,
                                              num_workers=self.scfg.num_workers,
@@ -255,6 +261,19 @@ class StageRun:
         return path
 
 
+class _Cycled(torch.utils.data.Dataset):
+    """A finite dataset indexed by ever-growing sample indices (epochs wrap around)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return 10**12
+
+    def __getitem__(self, i: int) -> dict:
+        return self.dataset[i % len(self.dataset)]
+
+
 def per_sample(run: StageRun, step: int, indices: list[int], draw, *purpose: int) -> torch.Tensor:
     """Stack `draw(generator)` over the samples of a batch, each from its own generator
     (keyed by step, sample and `purpose`), and move the result to the run's device."""
@@ -284,6 +303,15 @@ class Throughput:
         r = self.n / max(now - self.t0, 1e-9)
         self.t0, self.n = now, 0
         return r
+
+
+def require_unconditional(cfg: Config, stage: str) -> None:
+    """Label conditioning reaches the model and the teacher stage; the causal stages do not
+    draw labels yet, so a conditional config is refused there rather than run unconditioned."""
+    if cfg.model.num_classes:
+        raise ConfigError("config", "model.num_classes", cfg.model.num_classes,
+                          f"0 for the {stage} stage (label conditioning is implemented in the "
+                          "model and the teacher stage only so far)")
 
 
 EXPORTED_STATE = ("ema", "generator", "model")   # what a stage's weights are, by preference

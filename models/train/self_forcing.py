@@ -25,7 +25,7 @@ from ..attention import SequenceAttention, make_backend
 from ..flow import add_noise, denoising_times, sample_times, shifted, velocity_loss
 from ..rollout import rollout
 from ..sampling import generate
-from .common import StageRun, Throughput, load_stage_weights, per_sample
+from .common import StageRun, Throughput, load_stage_weights, per_sample, require_unconditional
 
 DMD_T_RANGE = (0.02, 0.98)   # Self-Forcing's min/max DMD timestep (of 1000)
 # streams of one sample's random draws (models/train/common.per_sample)
@@ -109,6 +109,7 @@ class SelfForcingStep:
 def train_self_forcing(cfg, run_dir, teacher, student, pattern: Optional[str] = None,
                        info=None, progress: bool = True, time_limit: Optional[float] = None) -> Path:
     run = StageRun(cfg, "self_forcing", run_dir, info, progress, time_limit)
+    require_unconditional(cfg, "self-forcing")
     s = run.scfg
     pattern = pattern or cfg.attention.pattern
     backend = make_backend(cfg, pattern, device=run.device, dtype=run.compute_dtype)

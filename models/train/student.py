@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ..attention import DenseBackend, TeacherForcingAttention
 from ..flow import add_noise, sample_times, velocity_loss
 from ..sampling import ar_ode_rollout, generate, ode_grid
-from .common import StageRun, Throughput, load_stage_weights, per_sample
+from .common import StageRun, Throughput, load_stage_weights, per_sample, require_unconditional
 
 PAIRS_FILE = "ode_pairs.safetensors"
 TIME, NOISE = 1, 2   # streams of one sample's random draws
@@ -59,8 +59,9 @@ def chunk_times(run, step, idx, shift):
 
 
 def train_student(cfg, run_dir, teacher, info=None, progress: bool = True,
-                  time_limit: Optional[float] = None) -> Path:
-    run = StageRun(cfg, "student", run_dir, info, progress, time_limit)
+                  time_limit: Optional[float] = None, data: Optional[str] = None) -> Path:
+    run = StageRun(cfg, "student", run_dir, info, progress, time_limit, data)
+    require_unconditional(cfg, "student")
     s = run.scfg
     total = s.ar_steps + s.steps
     model = load_stage_weights(cfg, teacher, "teacher", run.device)

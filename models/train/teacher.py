@@ -22,8 +22,8 @@ TIME, NOISE, LABEL = 1, 2, 3   # streams of one sample's random draws
 
 
 def train_teacher(cfg, run_dir, info=None, progress: bool = True,
-                  time_limit: Optional[float] = None) -> Path:
-    run = StageRun(cfg, "teacher", run_dir, info, progress, time_limit)
+                  time_limit: Optional[float] = None, data: Optional[str] = None) -> Path:
+    run = StageRun(cfg, "teacher", run_dir, info, progress, time_limit, data)
     s = run.scfg
     model = run.new_model()
     opt = run.optimizer(model, s.lr)
