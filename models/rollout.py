@@ -62,3 +62,18 @@ def gaussian_noise(shape, generator: Optional[torch.Generator] = None, device="c
     def draw(chunk: int, step: int) -> torch.Tensor:
         return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
     return draw
+
+
+@torch.no_grad()
+def prefill(model, cache: ChunkCache, frames: torch.Tensor, label=None, context=None) -> None:
+    """Commit known clean frames [B, P, C, H, W] (P a whole number of chunks) to the cache,
+    chunk by chunk, exactly as a generated chunk's clean pass would: the prefix a
+    continuation starts from."""
+    c = model.cfg.video.chunk_frames
+    B, P = frames.shape[:2]
+    if P % c:
+        raise ValueError(f"prefix of {P} frames: expected a multiple of chunk_frames = {c}")
+    for i in range(P // c):
+        zero = torch.zeros(B, c, device=frames.device)
+        model(frames[:, i * c:(i + 1) * c], zero, cache.writer(), frame_start=cache.frame_start,
+              label=label, context=context)

@@ -14,7 +14,7 @@ import torch
 from .attention import SequenceAttention
 from .config import Config
 from .flow import denoising_times, euler_step, sampling_grid
-from .rollout import gaussian_noise, rollout
+from .rollout import gaussian_noise, prefill, rollout
 
 
 @torch.no_grad()
@@ -78,3 +78,23 @@ def generate(model, backend, cfg: Config, batch: int, frames: int,
     with autocast or torch.autocast("cpu", enabled=False):
         return rollout(model, cache, gaussian_noise(shape, generator, device), frames, times,
                        label=label, on_chunk=on_chunk).float()
+
+
+@torch.no_grad()
+def continue_video(model, backend, cfg: Config, prefix: torch.Tensor, frames: int,
+                   generator: Optional[torch.Generator] = None, dtype=torch.float32,
+                   autocast=None, on_chunk=None, cache=None) -> torch.Tensor:
+    """Generate `frames` frames after `prefix` [B, P, C, H, W] (clean frames in [-1, 1], P a
+    whole number of chunks; P = 0 generates from noise). Returns the continuation only,
+    [B, frames, C, H, W]. Pass `cache` to inspect it afterwards (bytes, memory)."""
+    B, P = prefix.shape[:2]
+    device = prefix.device
+    if cache is None:
+        cache = backend.new_cache(B, device, dtype, max_frames=P + frames)
+    shape = (B, cfg.video.chunk_frames, cfg.video.channels, cfg.video.height, cfg.video.width)
+    times = denoising_times(cfg.flow.denoising_steps, cfg.flow.shift)
+    with autocast or torch.autocast("cpu", enabled=False):
+        if P:
+            prefill(model, cache, prefix.to(dtype))
+        return rollout(model, cache, gaussian_noise(shape, generator, device), frames, times,
+                       on_chunk=on_chunk).float()
