@@ -5,6 +5,8 @@ models/).
     sparse-forcing train student      --config small            # from runs/small/teacher
     sparse-forcing train self-forcing --config small --pattern sparse-forcing
     sparse-forcing train self-forcing --config small --pattern dense
+    sparse-forcing generate runs/small/self-forcing-sparse-forcing --pattern sparse-forcing --frames 240
+    sparse-forcing evaluate --config small --entry sparse=WEIGHTS:sparse-forcing --entry dense=WEIGHTS:dense
     sparse-forcing configs
 
 Run folders default to runs/<config>/<stage>[-<pattern>]; a stage started again in the
@@ -85,7 +87,8 @@ def cmd_configs(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparse-forcing",
-                                     description="Train the reference Sparse Forcing model.")
+                                     description="Train the reference Sparse Forcing model, generate "
+                                                 "with it and evaluate it.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="run one training stage (resumes its run folder)")
     p.add_argument("stage", choices=STAGES)
@@ -113,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default=None, help="default RUN_DIR/weights.safetensors")
     p.set_defaults(func=cmd_export)
+    from .generate import add_parser as add_generate_parser
+    from .evaluate import add_parser as add_evaluate_parser
+    add_generate_parser(sub)
+    add_evaluate_parser(sub)
     p = sub.add_parser("configs", help="list the bundled configs")
     p.set_defaults(func=cmd_configs)
     return parser
