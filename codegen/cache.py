@@ -3,7 +3,8 @@
 Key = sha256 over (generator version, spec fields, load variant, torch and
 triton versions). The file `pbsa_attn_<key>.py` lives in the cache directory
 (`$SPARSEDSL_KERNEL_CACHE`, else `~/.cache/sparsedsl/kernels`). Its first line
-names the key; a file whose first line does not match is re-rendered.
+names the key; a file whose first line does not match is re-rendered, and so is a file
+with the right key line that fails to import (cut short after it, say).
 
 Within a process, loaded modules are kept in a dict keyed by (spec, variant):
 a second load is one dict lookup (no hashing of versions, no file access).
@@ -90,11 +91,27 @@ def write_and_import(path: Path, marker: str, render, module_name: str) -> tuple
     rendered = _first_line(path) != marker
     if rendered:
         _atomic_write(path, render())
+    try:
+        return _import(path, module_name), rendered
+    except Exception:
+        if rendered:
+            raise  # freshly rendered and still broken: a generator bug, not a stale file
+    # the file starts with the key but does not import (cut short by a crash or a full disk,
+    # edited by hand): render it again, atomically, and import the new file
+    _atomic_write(path, render())
+    return _import(path, module_name), True
+
+
+def _import(path: Path, module_name: str) -> ModuleType:
     ispec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(ispec)
     sys.modules[module_name] = module  # Triton and inspect look modules up by name
-    ispec.loader.exec_module(module)
-    return module, rendered
+    try:
+        ispec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(module_name, None)
+        raise
+    return module
 
 
 def load_attention_kernels(spec: AttentionKernelSpec, variant: str = "ptr") -> ModuleType:

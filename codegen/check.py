@@ -9,6 +9,7 @@ returns the shrunk counterexample if one fails.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 
@@ -17,6 +18,24 @@ from sparsedsl.testing import chunk_tensors
 
 from .program import PBSAProgram
 from .tables import tables_from_reference
+
+class CheckEnvironmentError(RuntimeError):
+    """The check cannot run here (no GPU for Triton, a missing package): not a counterexample."""
+
+
+def _preflight(backend: str, device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CheckEnvironmentError("device cuda: no CUDA GPU is visible; use device cpu")
+    if backend == "triton" and not torch.cuda.is_available() \
+            and os.environ.get("TRITON_INTERPRET") != "1":
+        raise CheckEnvironmentError("backend triton: no CUDA GPU is visible; use backend torch "
+                                    "(or set TRITON_INTERPRET=1 for Triton's CPU interpreter)")
+    if backend == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:
+            raise CheckEnvironmentError(f"backend triton: triton is not installed ({exc})") from exc
+
 
 TOL = {torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 
@@ -101,13 +120,16 @@ def small_variant(pattern, layout):
 
 
 def property_check(pattern, examples: int = 20, device: str = "cpu", backend: str = "auto",
-                   dtypes=("float32",), shrink: bool = True) -> str | None:
+                   dtypes=("float32",), shrink: bool = True, num_heads: int | None = None,
+                   head_dim: int | None = None) -> str | None:
     """Hypothesis over small layouts, heads, seeds and dtypes; None if all pass, else the
-    shrunk counterexample and its error as text."""
+    shrunk counterexample and its error as text. `num_heads` / `head_dim` fix those (else
+    drawn small); an environment that cannot run the check raises CheckEnvironmentError."""
     from hypothesis import HealthCheck, Phase, given, settings, strategies as st
     from sparsedsl import PatternError, lower
     from sparsedsl.layout import VideoLayout
 
+    _preflight(backend, device)
     failure = {}
     chunk = pattern.layout.chunk_frames
 
@@ -120,9 +142,14 @@ def property_check(pattern, examples: int = 20, device: str = "cpu", backend: st
             small = small_variant(pattern, layout)
         except PatternError:
             small = small_variant(pattern, VideoLayout(h, w, layout.tile, chunk))
-        kv = draw(st.integers(1, 2))
-        schedule = lower(small, num_heads=kv * draw(st.integers(1, 2)), num_kv_heads=kv,
-                         head_dim=draw(st.sampled_from([4, 16])), dtype="float32")
+        if num_heads is None:
+            kv = draw(st.integers(1, 2))
+            heads = kv * draw(st.integers(1, 2))
+        else:
+            heads = num_heads
+            kv = draw(st.sampled_from([d for d in range(1, num_heads + 1) if num_heads % d == 0]))
+        dim = draw(st.sampled_from([4, 16])) if head_dim is None else head_dim
+        schedule = lower(small, num_heads=heads, num_kv_heads=kv, head_dim=dim, dtype="float32")
         return (schedule, draw(st.sampled_from(list(dtypes))), draw(st.integers(0, 2**31 - 1)),
                 draw(st.integers(1, 3)))
 
@@ -134,6 +161,9 @@ def property_check(pattern, examples: int = 20, device: str = "cpu", backend: st
         schedule, dtype, seed, steps = case
         try:
             check_rollout(schedule, backend, getattr(torch, dtype), seed, steps, 1, device)
+        except (ImportError, CheckEnvironmentError) as exc:
+            failure["environment"] = f"{type(exc).__name__}: {exc}"
+            raise
         except Exception as exc:
             failure["case"] = (f"layout {schedule.layout}, heads {schedule.num_heads} "
                                f"(kv {schedule.num_kv_heads}) x {schedule.head_dim}, {dtype}, "
@@ -143,5 +173,7 @@ def property_check(pattern, examples: int = 20, device: str = "cpu", backend: st
     try:
         run()
     except Exception:
+        if "environment" in failure:
+            raise CheckEnvironmentError(failure["environment"]) from None
         return failure.get("case", "unknown failure")
     return None

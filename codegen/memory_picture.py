@@ -7,6 +7,10 @@ from typing import Optional, Sequence
 
 import torch
 
+#: Most AR steps `simulate_memory` runs (an unbounded window holds every frame of them).
+MAX_SIMULATED_STEPS = 2_000
+
+
 @dataclass(frozen=True)
 class MemorySnapshot:
     """What one layer holds after `frames` committed frames (the memory chunk `step` sees).
@@ -40,6 +44,9 @@ def simulate_memory(program, steps: int, batch: int = 1, seed: int = 0, device="
     """Commit `steps` chunks (random q/k/v unless `chunks` gives (q, k, v) per step) through a
     one-layer cache and return the memory after every step (snapshot i = before chunk i)."""
     s = program.schedule
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= MAX_SIMULATED_STEPS:
+        raise ValueError(f"simulate_memory: steps = {steps!r} is not allowed: an integer in "
+                         f"[0, {MAX_SIMULATED_STEPS}] (the simulation holds and draws every step)")
     from .rollout_cache import RolloutCache  # here: rollout_cache imports this module
 
     cache = RolloutCache(program, batch=batch, num_layers=1, device=device, dtype=dtype,

@@ -90,16 +90,18 @@ class PBSAProgram:
         _atomic_write(path, self.source)
         return path
 
-    def property_check(self, examples: int = 20, device: str = "cpu", dtypes=None):
+    def property_check(self, examples: int = 20, device: str = "cpu", dtypes=None,
+                       num_heads=None, head_dim=None):
         """Property-test this program's kernels (select, forward, backward) against the float64
         reference on small layouts of the same pattern; None if all pass, else the shrunk
-        counterexample as text."""
+        counterexample as text. `num_heads` / `head_dim` fix those (else drawn small)."""
         from .check import property_check
         if dtypes is None:
             dtypes = ("float32",) if device == "cpu" else ("float32", "bfloat16", "float16")
         backend = self.backend if self.backend != "auto" else ("triton" if device == "cuda" else "torch")
         return property_check(self.schedule.pattern, examples=examples, device=device,
-                              backend=backend, dtypes=dtypes)
+                              backend=backend, dtypes=dtypes, num_heads=num_heads,
+                              head_dim=head_dim)
 
     def explain(self, **kwargs) -> str:
         spec = self.kernel_spec(10**4 if self.schedule.window.frames is not None else 8,
@@ -206,12 +208,22 @@ class PBSAProgram:
 
         Returns (out [B, H, NQB*bt, d], lse [B, H, NQB*bt] float32) and, with
         `return_visits`, the (visit_slots, visit_count) tables the kernel ran on.
+
+        Non-finite inputs (docs/semantics.md): the values of q, k, v are not checked (no host
+        sync); as in SDPA, a NaN / inf gives non-finite outputs in the rows that read it (the
+        chunk's blocks, or a cached block in the rows that visit it). `validate=True` checks
+        the tables' indices and counts (persistent_count in [0, capacity]; one host sync);
+        `validate=False` skips every check that needs a sync. Wrong argument types raise
+        ValueError naming what was expected.
         """
         from .autograd import pbsa_attention
         from .rollout_cache import check_tables
         s, lay = self.schedule, self.schedule.layout
+        _check_types(q, k, v, tables)
         check_tables(self, tables)  # tables of another pattern's cache are refused
         _check_step_inputs(s, q, k, v, tables)
+        if validate:
+            _check_table_counts(s, tables)
         step = tables.step
         backend = self.backend
         if backend == "auto":
@@ -298,6 +310,33 @@ def _static_positions(schedule: Schedule, key, step: int):
         pos[qb, :len(r)] = torch.tensor(r, dtype=torch.int32)
     cnt = torch.tensor([len(r) for r in rows], dtype=torch.int32)
     return pos, cnt
+
+
+def _check_types(q, k, v, tables) -> None:
+    """Argument types first, so that a wrong one is named instead of an AttributeError."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(tables, BlockTables):
+        raise ValueError("tables must be the BlockTables of program.new_cache(...).tables(layer), "
+                         f"got {'None' if tables is None else type(tables).__name__}")
+
+
+def _check_table_counts(s: Schedule, tables: BlockTables) -> None:
+    """validate=True: persistent_count in [0, min(capacity, persistent_slots width)] (one host
+    sync; a count out of range would silently change the visits)."""
+    pc = tables.persistent_count
+    if not isinstance(pc, torch.Tensor) or tuple(pc.shape) != tuple(tables.persistent_slots.shape[:2]):
+        raise ValueError(f"tables.persistent_count must be an int tensor of shape "
+                         f"{tuple(tables.persistent_slots.shape[:2])} (batch, KV heads), got "
+                         f"{tuple(pc.shape) if isinstance(pc, torch.Tensor) else type(pc).__name__}")
+    hi = min(s.capacity, tables.persistent_slots.shape[-1])
+    bad = (pc < 0) | (pc > hi)
+    if bool(bad.any()):
+        idx = bad.nonzero()[0].tolist()
+        raise ValueError(f"tables.persistent_count[{', '.join(map(str, idx))}] = "
+                         f"{int(pc[tuple(idx)])}: expected a count in [0, {hi}] (the pattern's "
+                         f"capacity is {s.capacity})")
 
 
 def _check_step_inputs(s: Schedule, q, k, v, tables: BlockTables) -> None:

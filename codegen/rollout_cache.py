@@ -68,7 +68,10 @@ valid until that layer's next commit.
 
 Errors are ValueError raised before any change: a chunk of the wrong shape, dtype or
 device, a commit twice for one layer and step, a state dict or tables of another pattern,
-a commit past `max_frames`.
+a commit past `max_frames`, a state dict whose indices, counts, free list or step do not
+agree (`load_state_dict` checks every one; the cache is unchanged). Values are not checked:
+non-finite q/k/v give non-finite outputs where read (the SDPA contract, docs/semantics.md),
+and a NaN update score ranks last.
 """
 from __future__ import annotations
 
@@ -97,6 +100,12 @@ _TENSORS = ("k_pool", "v_pool", "k_rep", "slot_valid", "slot_block", "slot_score
             "sink_slots", "persistent_slots", "persistent_count", "window_slots")
 _INTS = ("step", "n_free", "n_persistent")
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _is_int(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not value.is_floating_point() and value.dtype != torch.bool
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -320,7 +329,12 @@ class RolloutCache:
 
     def commit(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """The clean pass of the current chunk in `layer`: write its K/V (k after RoPE) and run
-        the memory update; the cache advances after the last layer's commit."""
+        the memory update; the cache advances after the last layer's commit.
+
+        Non-finite inputs (docs/semantics.md): the chunk's values are not checked (no host
+        sync). A NaN / inf chunk is committed like any other: the tables stay consistent, the
+        attention of rows that visit its blocks is non-finite (as in SDPA), and an update score
+        that becomes NaN ranks last (below every number, ties to the lower block index)."""
         self._check_chunk(layer, q, k, v)
         L = self.layers[layer]
         plan = step_plan(self.schedule, L.step)
@@ -507,14 +521,18 @@ class RolloutCache:
         if len(state.get("layers", ())) != self.num_layers:
             raise ValueError(f"load_state_dict: state has {len(state.get('layers', ()))} layers, "
                              f"this cache {self.num_layers}")
+        step = state.get("step")
+        if not _is_int(step) or step < 0:
+            raise ValueError(f"load_state_dict: step = {step!r}: expected an integer >= 0")
         try:
             new_layers = self._layers_from_state(state)
         except KeyError as exc:
             raise ValueError(f"load_state_dict: the state misses {exc}") from None
-        steps = {L.step for L in new_layers}
-        if not steps <= {state["step"], state["step"] + 1}:
-            raise ValueError(f"load_state_dict: layer steps {sorted(steps)} do not fit step "
-                             f"{state['step']}")
+        steps = [L.step for L in new_layers]
+        if not set(steps) <= {step, step + 1} or step not in steps:
+            raise ValueError(f"load_state_dict: layer steps {steps} do not fit step {step}: "
+                             f"every layer is at step {step} (not committed yet) or {step + 1} "
+                             "(committed), and at least one has not committed")
         self.layers = new_layers
         self.step = int(state["step"])
         self._pending = sum(L.step == self.step for L in new_layers)
@@ -534,9 +552,127 @@ class RolloutCache:
                                      f"{got.dtype}, expected {tuple(want.shape)} {want.dtype}")
                 want.copy_(got)
             for name in _INTS:
-                setattr(layer, name, int(entry[name]))
+                value = entry[name]
+                if not _is_int(value):
+                    raise ValueError(f"load_state_dict: layer {i} {name} = {value!r}: expected "
+                                     "an integer")
+                setattr(layer, name, int(value))
+            self._check_layer_state(i, layer)
             new_layers.append(layer)
         return new_layers
+
+    def _check_layer_state(self, i: int, L: _Layer) -> None:
+        """ValueError naming the field and value unless every index and count of a loaded
+        layer is in range and the tables, the free list and the step agree (what a commit
+        leaves; see check_invariants in the tests). Host copies of the small int tensors."""
+        s = self.schedule
+        nb, c, nslots = self.nb, self.c, L.nslots
+        step = L.step
+        where = f"load_state_dict: layer {i}"
+
+        def fail(name, mask, t, expected):
+            idx = mask.nonzero()[0].tolist()
+            raise ValueError(f"{where} {name}[{', '.join(map(str, idx))}] = {t[tuple(idx)].item()}"
+                             f": expected {expected}")
+
+        if step < 0:
+            raise ValueError(f"{where} step = {step}: expected an integer >= 0")
+        n_committed = step * self.nqb
+        sb = L.slot_block.cpu().long()
+        sv = L.slot_valid.cpu().long()
+        bad = (sb < -1) | (sb >= n_committed)
+        if bad.any():
+            fail("slot_block", bad, sb, f"-1 (free) or one of the {n_committed} blocks committed "
+                 f"before the layer's step {step}, i.e. in [-1, {n_committed})")
+        bad = (sv < 0) | (sv > self.bt)
+        if bad.any():
+            fail("slot_valid", bad, sv, f"a token count in [0, {self.bt}]")
+        if not 0 <= L.n_free <= nslots:
+            raise ValueError(f"{where} n_free = {L.n_free}: expected a count in [0, {nslots}]")
+        # what the tables hold at this step
+        n_sink = min(s.sink_frames, step * c) * nb
+        w0, w1 = s.window_frames_range(step)
+        nw = (w1 - w0) * nb
+        if s.update is None or s.window.frames is None:
+            want_np = 0
+        else:
+            want_np = min(s.capacity, max(0, step * c - s.window.frames - s.sink_frames) * nb)
+        if L.n_persistent != want_np:
+            raise ValueError(f"{where} n_persistent = {L.n_persistent}: at step {step} the "
+                             f"persistent set holds {want_np} blocks")
+        pc = L.persistent_count.cpu().long()
+        bad = (pc < 0) | (pc > s.capacity)
+        if bad.any():
+            fail("persistent_count", bad, pc, f"a count in [0, {s.capacity}] (the capacity)")
+        bad = pc != want_np
+        if bad.any():
+            fail("persistent_count", bad, pc, f"{want_np} (n_persistent, the size of the "
+                 f"persistent set at step {step})")
+        if nw > L.window_slots.shape[-1]:
+            raise ValueError(f"{where} step = {step}: the window then holds {nw} blocks but "
+                             f"window_slots has room for {L.window_slots.shape[-1]}")
+        tables = {"sink_slots": L.sink_slots.cpu()[..., :n_sink].long(),
+                  "persistent_slots": L.persistent_slots.cpu()[..., :want_np].long(),
+                  "window_slots": L.window_slots.cpu()[..., :nw].long(),
+                  "free_list": L.free_list.cpu()[..., :L.n_free].long()}
+        for name, t in tables.items():
+            bad = (t < 0) | (t >= nslots)
+            if bad.any():
+                fail(name, bad, t, f"a pool slot in [0, {nslots})")
+        used = torch.cat([tables[n] for n in ("sink_slots", "persistent_slots", "window_slots")], -1)
+        if used.shape[-1] + L.n_free != nslots:
+            raise ValueError(f"{where} n_free = {L.n_free}: at step {step} the tables use "
+                             f"{used.shape[-1]} of the {nslots} slots, so {nslots - used.shape[-1]} "
+                             "are free")
+        B, HKV = sb.shape[:2]
+        ones = lambda t: torch.ones_like(t)  # noqa: E731
+        n_used = torch.zeros(B, HKV, nslots, dtype=torch.long).scatter_add_(2, used, ones(used))
+        n_freed = torch.zeros(B, HKV, nslots, dtype=torch.long).scatter_add_(
+            2, tables["free_list"], ones(tables["free_list"]))
+        for mask, what in ((n_used > 1, "is referenced twice by the tables"),
+                           (n_freed > 1, "is twice on the free list"),
+                           ((n_used > 0) & (n_freed > 0), "is on the free list and in use")):
+            if mask.any():
+                b, g, slot = mask.nonzero()[0].tolist()
+                names = [n for n, t in tables.items() if (t[b, g] == slot).any()]
+                raise ValueError(f"{where}: pool slot {slot} of (batch {b}, KV head {g}) {what} "
+                                 f"({', '.join(names)}); free slots and the slots of the sink, "
+                                 "persistent and window tables must be disjoint")
+        # every slot is used xor free: the free ones hold nothing, the used ones the right block
+        free = n_freed > 0
+        bad = free & ((sb != -1) | (sv != 0))
+        if bad.any():
+            fail("slot_block", bad, sb, "-1 with slot_valid 0 (the slot is on the free list)")
+        frame_valid = torch.tensor(s.layout.frame_valid_tokens, dtype=torch.long)
+        bad = ~free & ((sb < 0) | (sv != frame_valid[sb.clamp(min=0) % nb]))
+        if bad.any():
+            fail("slot_valid", bad, sv, "the real tokens of the block the slot holds (slot_block "
+                 "must name a block for every slot the tables use)")
+        block_of = lambda t: sb.gather(2, t)  # noqa: E731
+        checks = (("sink_slots", tables["sink_slots"], torch.arange(n_sink),
+                   "block p at sink position p"),
+                  ("window_slots", tables["window_slots"], torch.arange(w0 * nb, w1 * nb),
+                   f"block {w0 * nb} + p at window position p (window frames [{w0}, {w1}) at "
+                   f"step {step})"))
+        for name, t, want, what in checks:
+            got = block_of(t)
+            bad = got != want
+            if bad.any():
+                idx = bad.nonzero()[0].tolist()
+                raise ValueError(f"{where} {name}[{', '.join(map(str, idx))}] = "
+                                 f"{t[tuple(idx)].item()} holds block {got[tuple(idx)].item()}: "
+                                 f"expected {what}")
+        if want_np:
+            got = block_of(tables["persistent_slots"])
+            lo, hi = s.sink_frames * nb, w0 * nb
+            bad = (got < lo) | (got >= hi)
+            bad[..., 1:] |= got[..., 1:] <= got[..., :-1]
+            if bad.any():
+                idx = bad.nonzero()[0].tolist()
+                raise ValueError(f"{where} persistent_slots[{', '.join(map(str, idx))}] = "
+                                 f"{tables['persistent_slots'][tuple(idx)].item()} holds block "
+                                 f"{got[tuple(idx)].item()}: expected blocks in ascending order "
+                                 f"in [{lo}, {hi}) (evicted from the window by step {step})")
 
     # --- inspection ------------------------------------------------------------------------------
     def persistent_sets(self, layer: int = 0) -> dict:

@@ -28,8 +28,10 @@ compute the same thing:
         block    = slot_block[slot]           previous = slot_score[slot] if i < NP else 0
         age      = AGE0 - block // NB         (AGE0 = (t+1)*c - 1)
         score    = <expression>(importance[b, g, i], previous, age)   in float32
-        rank     = #{j : score_j > score_i or (score_j == score_i and j < i)}
-                   (NaN ranks like -inf, -0.0 equals +0.0: a strict total order)
+        rank     = #{j : j beats i}: score_j > score_i, or equal scores and j < i; a NaN
+                   score ranks last (below every number, -inf included), NaNs among
+                   themselves by candidate index; -0.0 equals +0.0: a strict total order
+                   (sparsedsl.reference.rank_key; NaN scores are stored as NaN)
         winners (rank < CAP), in candidate order (= ascending block index):
             persistent_slots[b, g, :min(NC, CAP)], slot_score[slot] = score
         losers, in candidate order: pushed on the free list at free_list[b, g, FREE_AT:],
@@ -60,7 +62,7 @@ from types import ModuleType
 import sympy
 import torch
 
-GENERATOR_VERSION = "update-2"
+GENERATOR_VERSION = "update-3"
 STATISTICS = ("importance", "previous", "age")
 SUPPORTED = ("numbers", "importance", "previous", "age", "+", "-", "*", "/", "**", "exp",
              "log", "sqrt", "Abs", "sign", "floor", "ceiling", "sin", "cos", "tan", "tanh",
@@ -267,8 +269,8 @@ if triton is not None:
         prev = tl.load(ss_row + slot * st_n, mask=ok & in_a, other=0.0)
         age = (AGE0 - blk // NB).to(tl.float32)
         s = score_triton(imp, prev, age) + tl.zeros([BLOCK_N], dtype=tl.float32)
-        s = tl.where(s != s, float("-inf"), s)       # NaN ranks like -inf
-        s = tl.where(s == 0.0, 0.0, s)               # -0.0 ties with +0.0
+        s = tl.where(s == 0.0, 0.0, s)               # -0.0 ties with +0.0 (NaN stays NaN)
+        s_nan = s != s                               # NaN ranks last, below -inf
         tl.store(sc_row + i * so_n, s, mask=ok)
         tl.debug_barrier()                           # scores visible to the whole program
 
@@ -277,7 +279,10 @@ if triton is not None:
         for j0 in range(0, NC, BLOCK_J):
             j = j0 + tl.arange(0, BLOCK_J)
             sj = tl.load(sc_row + j * so_n, mask=j < NC, other=float("-inf"))
-            beats = (sj[None, :] > s[:, None]) | ((sj[None, :] == s[:, None]) & (j[None, :] < i[:, None]))
+            j_nan = sj != sj
+            same = (sj[None, :] == s[:, None]) | (j_nan[None, :] & s_nan[:, None])
+            beats = ((sj[None, :] > s[:, None]) | (s_nan[:, None] & ~j_nan[None, :])
+                     | (same & (j[None, :] < i[:, None])))
             beats = beats & (j < NC)[None, :]
             rank += tl.sum(beats.to(tl.int32), axis=1)
 
@@ -468,11 +473,15 @@ def _update_torch(rule, importance, importance_scale, cand_slots, cand_tail, NP,
     age = (AGE0 - torch.div(blk, NB, rounding_mode="floor")).to(torch.float32)
     imp = importance[..., :NC].to(torch.float32).sum(dim=2) * importance_scale
     s = rule.score_torch(imp, prev, age)
-    s = torch.where(torch.isnan(s), torch.full((), float("-inf"), device=dev), s)
-    s = torch.where(s == 0, torch.zeros((), device=dev), s)
+    s = torch.where(s == 0, torch.zeros((), device=dev), s)   # -0.0 ties with +0.0
     scores[..., :NC] = s
-    # stable descending sort: equal scores keep candidate (= block) order
-    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
+    # stable descending sort: equal scores keep candidate (= block) order; then a stable sort
+    # that moves the NaN scores behind every number (-inf included), in candidate order
+    nan = torch.isnan(s)
+    key = torch.where(nan, torch.full((), float("-inf"), device=dev), s)
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    order = torch.gather(order, -1, torch.sort(torch.gather(nan, -1, order).to(torch.int8),
+                                               dim=-1, stable=True).indices)
     rank = torch.empty_like(order).scatter_(-1, order, idx.expand(B, HKV, NC).contiguous())
     win = rank < CAP
     n_win = min(NC, CAP)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import runpy
 import sys
 import time
@@ -62,11 +63,61 @@ def load_pattern(spec: str) -> Pattern:
     return pattern
 
 
+# --- argument bounds and output paths ------------------------------------------------------
+#: --rollout simulates the cache frame by frame and draws one column per step.
+MAX_ROLLOUT_FRAMES = 2_000
+
+
+def _check_range(flag: str, value: Optional[int], minimum: int, maximum: int, why: str) -> None:
+    if value is not None and not minimum <= value <= maximum:
+        raise CliError(f"{flag} {value}: expected an integer in [{minimum}, {maximum}] ({why})")
+
+
+def _check_head_dim(args: argparse.Namespace) -> None:
+    from .lowering import MAX_HEAD_DIM
+    _check_range("--head-dim", args.head_dim, 1, MAX_HEAD_DIM,
+                 f"the kernels take head dims up to {MAX_HEAD_DIM}")
+
+
+def _check_writable(path, what: str) -> Path:
+    """Fail early, in one line, when `path` (a file or folder to create) cannot be written."""
+    path = Path(path)
+    parent = path
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if parent != path and parent.exists() and not parent.is_dir():
+        raise CliError(f"cannot write {what} '{path}': '{parent}' is a file, not a directory")
+    if path.exists() and what == "folder" and not path.is_dir():
+        raise CliError(f"cannot write {what} '{path}': it is a file, not a directory")
+    if path.exists() and what != "folder" and path.is_dir():
+        raise CliError(f"cannot write {what} '{path}': it is a directory")
+    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise CliError(f"cannot write {what} '{path}': permission denied on '{parent}'")
+    return path
+
+
+def _write(path, what: str, writer):
+    """Run `writer()`; an OSError becomes one line naming the path and the reason."""
+    try:
+        return writer()
+    except OSError as exc:
+        raise CliError(f"cannot write {what} '{path}': {exc.strerror or exc}") from exc
+
+
 # --- subcommands ---------------------------------------------------------------------------
 def cmd_explain(args: argparse.Namespace) -> int:
-    from .explain import explain
+    from .explain import MAX_HORIZON_FRAMES, explain
     from .lowering import lower
 
+    _check_head_dim(args)
+    for frames in args.horizon or ():
+        _check_range("--horizon", frames, 1, MAX_HORIZON_FRAMES, "latent frames")
+    _check_range("--rollout", args.rollout, 1, MAX_ROLLOUT_FRAMES,
+                 "frames of the simulated rollout")
+    if args.png:
+        _check_writable(args.png, "PNG")
     pattern = load_pattern(args.pattern)
     schedule = lower(pattern, num_heads=args.heads, num_kv_heads=args.kv_heads,
                      head_dim=args.head_dim, dtype=args.dtype)
@@ -80,11 +131,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
                                   head_dim=args.head_dim, dtype=args.dtype, backend="torch")
         if not hasattr(program, "draw_memory"):
             raise CliError("--rollout needs the codegen package (the memory runtime)")
-        path = program.draw_memory(args.rollout, args.png)
+        path = _write(args.png, "PNG", lambda: program.draw_memory(args.rollout, args.png))
         print(f"wrote {path}")
     elif args.png:
         from .plot import draw_block_mask
-        path = draw_block_mask(schedule, step=args.step, path=args.png)
+        path = _write(args.png, "PNG",
+                      lambda: draw_block_mask(schedule, step=args.step, path=args.png))
         print(f"wrote {path}")
     elif args.rollout:
         raise CliError("--rollout draws a picture: give --png FILE too")
@@ -94,12 +146,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     from . import compile as compile_pattern
 
+    _check_head_dim(args)
+    _check_writable(args.out, "folder")
     pattern = load_pattern(args.pattern)
     program = compile_pattern(pattern, num_heads=args.heads, num_kv_heads=args.kv_heads,
                               head_dim=args.head_dim, dtype=args.dtype, backend=args.backend)
     if not hasattr(program, "write_source"):
         raise CliError(f"backend '{args.backend}' generates no source; use --backend triton")
-    path = program.write_source(args.out)
+    path = _write(args.out, "folder", lambda: program.write_source(args.out))
     print(f"{program!r}\nwrote the generated Triton source to {path}")
     return 0
 
@@ -109,16 +163,33 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     from . import compile as compile_pattern
 
+    _check_head_dim(args)
+    if args.backend not in ("auto", "triton", "torch"):
+        raise CliError(f"--backend {args.backend}: expected auto, triton or torch")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    if (args.backend == "triton" and not torch.cuda.is_available()
+            and os.environ.get("TRITON_INTERPRET") != "1"):
+        raise CliError("--backend triton: no CUDA GPU is visible; use --backend torch (or set "
+                       "TRITON_INTERPRET=1 for Triton's slow CPU interpreter)")
     pattern = load_pattern(args.pattern)
     program = compile_pattern(pattern, num_heads=args.heads, head_dim=args.head_dim,
                               backend=args.backend)
     if not hasattr(program, "property_check"):
         raise CliError(f"backend '{args.backend}' has no kernels to check")
+    from codegen import check
+
+    backend = args.backend if args.backend != "auto" else (
+        "triton" if args.device == "cuda" else "torch")
+    dtypes = ("float32",) if args.device == "cpu" else ("float32", "bfloat16", "float16")
     print(f"checking {program!r} against the float64 reference on {args.examples} random small "
-          f"layouts ({args.device}) ...", flush=True)
-    report = program.property_check(examples=args.examples, device=args.device)
+          f"layouts ({args.device}, {args.heads} heads x {args.head_dim}) ...", flush=True)
+    try:
+        report = check.property_check(pattern, examples=args.examples, device=args.device,
+                                      backend=backend, dtypes=dtypes, num_heads=args.heads,
+                                      head_dim=args.head_dim)
+    except check.CheckEnvironmentError as exc:
+        raise CliError(str(exc)) from exc
     if report is None:
         print(f"PASS: {args.examples} examples: visits, output, LSE and gradients match")
         return 0
@@ -224,7 +295,8 @@ def check_rollout(schedule, steps: int = 4, batch: int = 2, seed: int = 0, progr
     before = reference.new_state(schedule, batch)
     K_all, V_all = [], []
     bar = tqdm(reference.rollout(schedule, chunks, batch), total=steps, desc="reference rollout",
-               unit="step", file=sys.stderr, disable=not progress, leave=False)
+               unit="step", file=sys.stderr, leave=False,
+               disable=not progress or not sys.stderr.isatty())  # no \r frames into a file
     for step, out, lse, block_mask, after in bar:
         q, k, v = chunks[step]
         K_all.append(k)
@@ -285,6 +357,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     failed, count = [], 0
     if args.full_size:
+        _check_writable(args.out, "folder")
         from . import presets
         from .explain import explain
         from .lowering import lower
@@ -307,7 +380,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         failed, count = [f"the rollout raised {type(exc).__name__}: {exc}"], 1
         print(f"  FAIL  {failed[0]}")
     if args.full_size:
-        path = draw_block_mask(full, path=Path(args.out) / "sparse-forcing.png", seed=args.seed)
+        png = Path(args.out) / "sparse-forcing.png"
+        path = _write(png, "PNG", lambda: draw_block_mask(full, path=png, seed=args.seed))
         print(f"wrote {path}")
     elapsed = time.perf_counter() - start
     if failed:

@@ -1,11 +1,17 @@
 """Human-readable report of a compiled pattern: segments, density, visits, cost vs dense, checks."""
 from __future__ import annotations
 
+from .errors import PatternError
 from .graph import block_graph, reach
 from .schedule import Schedule
 
 #: Self-Forcing horizons in latent frames: 5 s, 20 s, 60 s.
 HORIZONS = {"5 s": 21, "20 s": 84, "60 s": 240}
+#: Largest horizon the report takes (frames; ~2.3 days of Self-Forcing latent frames): the
+#: costs are closed forms for bounded windows but sums over steps for unbounded ones.
+MAX_HORIZON_FRAMES = 1_000_000
+#: Horizons up to this many frames get the frame-graph reach line (its cost grows with T).
+MAX_REACH_FRAMES = 2_000
 
 
 def _size(n_bytes: float) -> str:
@@ -25,6 +31,11 @@ def density_at(schedule: Schedule, step: int) -> tuple[int, int, float]:
 
 def explain(schedule: Schedule, horizons: dict[str, int] | None = None, graph: bool = True) -> str:
     horizons = HORIZONS if horizons is None else horizons
+    for name, frames in horizons.items():
+        if isinstance(frames, bool) or not isinstance(frames, int) \
+                or not 1 <= frames <= MAX_HORIZON_FRAMES:
+            raise PatternError(f"horizon {name!r}", frames,
+                               f"an integer in [1, {MAX_HORIZON_FRAMES}] (latent frames)")
     s = schedule.shapes
     lay = schedule.layout
     lines = [schedule.describe(), "",
@@ -56,6 +67,10 @@ def explain(schedule: Schedule, horizons: dict[str, int] | None = None, graph: b
                   f"{'yes' if report.disjoint_segments else 'NO'}"]
         lines += [f"  ! {p}" for p in report.problems]
         for name, frames in horizons.items():
+            if frames > MAX_REACH_FRAMES:
+                lines.append(f"  frame 0 -> frame {frames - 1} ({name}): not computed "
+                             f"(the reach graph is drawn up to {MAX_REACH_FRAMES} frames)")
+                continue
             r = reach(schedule, frames)
             how = ("directly (sink or memory)" if r.direct_memory else
                    f"in {r.hops} attention hops" if r.reachable else "no longer")

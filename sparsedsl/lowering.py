@@ -22,6 +22,11 @@ from .segments import Causal
 from .shapes import ShapeAnalysis, analyse, w as w_symbol
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
+#: Head dims the generated kernels take (padded to a power of two >= 16 inside).
+MAX_HEAD_DIM = 256
+#: Entries of the static offset table (query blocks x window frames x blocks per frame) beyond
+#: which lowering refuses: a Radius reaching back many frames over a long window.
+MAX_STATIC_OFFSETS = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,11 @@ def validate_options(num_heads: int, num_kv_heads: Optional[int], head_dim: int,
     if num_heads % num_kv_heads:
         raise PatternError("num_kv_heads", num_kv_heads,
                            f"a divisor of num_heads = {num_heads} (grouped-query attention)")
-    require_int("head_dim", head_dim, 1, 1024)
+    if (not isinstance(head_dim, bool) and isinstance(head_dim, int)
+            and not 1 <= head_dim <= MAX_HEAD_DIM):
+        raise PatternError("head_dim", head_dim, f"an integer in [1, {MAX_HEAD_DIM}]",
+                           hint=f"the kernels take head dims up to {MAX_HEAD_DIM}")
+    require_int("head_dim", head_dim, 1, MAX_HEAD_DIM)
     dtype_name = str(dtype).replace("torch.", "")
     if dtype_name not in DTYPES:
         raise PatternError("dtype", dtype, "one of " + ", ".join(DTYPES))
@@ -73,6 +82,18 @@ def resolve_window(pattern: Pattern) -> WindowPlan:
     lookback = extent if frames is None else (frames if extent is None else min(frames, extent))
     if lookback is None:
         return WindowPlan(frames, None, None, split)
+    if extent is None:
+        # The static part is All: the whole (bounded) window, no table (its cost would grow
+        # with window.frames).
+        return WindowPlan(frames, None, lookback, split)
+    entries = layout.chunk_blocks * lookback * layout.blocks_per_frame
+    if entries > MAX_STATIC_OFFSETS:
+        raise PatternError("window.neighborhood", str(split.static),
+                           f"a static neighborhood whose offset table (query blocks x frames "
+                           f"reached x blocks per frame = {entries}) is at most "
+                           f"{MAX_STATIC_OFFSETS} entries",
+                           hint=f"it reaches back {lookback} frames; use a smaller Radius t or "
+                                "window.frames, or All() for the whole window")
     offsets = []
     for query_block in range(layout.chunk_blocks):
         r, i, j = layout.block_coords(query_block)
@@ -133,10 +154,9 @@ def analyse_shapes(pattern: Pattern, options: CompileOptions, window: WindowPlan
             terms.append(cur + window_expr(st, w_symbol))
         return sympy.Max(*terms), total
 
-    if window.frames is not None:
-        table_frames = window.frames
-    else:
-        table_frames = window.lookback or 0
+    # Tabulate only up to the frames the static offsets reach; past them every count has a
+    # closed form in w (`tails`), so nothing here grows with window.frames.
+    table_frames = 0 if window.static_offsets is None else window.lookback
     parts = dict(c=c, nb=nb, S=pattern.sink_frames, W=window.frames, C=pattern.capacity,
                  table_frames=table_frames, tails=tails, tokens_per_frame=layout.tokens_per_frame,
                  bt=layout.block_tokens, D=options.head_dim, dbytes=dtype_bytes(options.dtype),

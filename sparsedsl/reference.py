@@ -286,13 +286,22 @@ def commit(schedule: Schedule, state: RolloutState, q: torch.Tensor, k: torch.Te
                                    v[b, g, i * bt:(i + 1) * bt].double().clone())
             keep = {}
             if schedule.update is not None:
-                ranked = sorted(per_head_scores[g].items(), key=lambda item: (-item[1], item[0]))
+                ranked = sorted(per_head_scores[g].items(), key=rank_key)
                 keep = dict(ranked[:schedule.update.capacity])
             for kb in list(state.persistent[(b, g)]) + evicted:
                 if kb not in keep:
                     blocks.pop(kb, None)
             new.persistent[(b, g)] = keep
     return new
+
+
+def rank_key(item) -> tuple:
+    """Sort key of a (block, score) candidate, best first: higher score first, ties to the
+    lower block index; a NaN score ranks last (below every number, -inf included), NaNs
+    among themselves by block index; -0.0 ties with +0.0."""
+    block, score = item
+    nan = score != score
+    return (nan, 0.0 if nan else -score, block)
 
 
 def _scores(schedule, state, q, b, g, domain, evicted, step) -> dict[int, float]:

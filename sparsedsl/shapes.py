@@ -35,6 +35,8 @@ class ShapeAnalysis:
     num_heads: int
     num_kv_heads: int
     chunk_frames: int
+    #: First step from which every per-step count is constant (None: the window is unbounded).
+    settle_step: Optional[int] = None
 
     # --- numbers at a horizon -------------------------------------------------------
     def steps(self, horizon_frames: int) -> int:
@@ -50,9 +52,16 @@ class ShapeAnalysis:
     def flops(self, horizon_frames: int, dense: bool = False) -> int:
         """Attention FLOPs (forward, all heads, one layer, one batch element) to generate T frames."""
         per_step = self.dense_total_visits if dense else self.total_visits
-        visits = sympy.summation(per_step, (t, 0, self.steps(horizon_frames) - 1)) \
-            if per_step.is_polynomial(t) else sum(int(per_step.subs(t, s))
-                                                  for s in range(self.steps(horizon_frames)))
+        steps = self.steps(horizon_frames)
+        if per_step.is_polynomial(t):  # closed form
+            visits = sympy.summation(per_step, (t, 0, steps - 1)) if steps > 0 else 0
+        elif self.settle_step is not None and steps > self.settle_step:
+            # constant from settle_step on: the sum up to there, then a product
+            head = sum(int(per_step.subs(t, s)) for s in range(self.settle_step))
+            visits = head + (steps - self.settle_step) * int(per_step.subs(t, self.settle_step))
+        else:  # unbounded window: linear in the steps (callers bound the horizon)
+            f = _numeric_of_t(per_step)
+            visits = sum(int(round(f(s))) for s in range(steps))
         return int(visits) * self.flops_per_block_visit * self.num_heads
 
     def kv_bytes(self, horizon_frames: int, dense: bool = False) -> int:
@@ -69,6 +78,10 @@ class ShapeAnalysis:
         if a != b:
             return None
         return a * self.flops_per_block_visit * self.num_heads
+
+
+def _numeric_of_t(expr: sympy.Expr):
+    return sympy.lambdify(t, expr, modules="math")
 
 
 def piecewise_table(values: list[int], tail: sympy.Expr) -> sympy.Expr:
@@ -99,10 +112,9 @@ def analyse(schedule_parts: dict, count_window: Callable[[int, int], tuple[int, 
                  for frames in range(table_frames + 1)]
     max_table = [max(cur + win for cur, win in row) for row in per_query]
     sum_table = [sum(cur + win for cur, win in row) for row in per_query]
-    if W is None:  # only unbounded windows grow past the table
-        max_tail, sum_tail = p["tails"](per_query[-1])
-    else:
-        max_tail, sum_tail = sympy.Integer(max_table[-1]), sympy.Integer(sum_table[-1])
+    # Past the table every count has a closed form in w (the window bound W enters through
+    # window_frames below), so the table never grows with W.
+    max_tail, sum_tail = p["tails"](per_query[-1])
     max_part = piecewise_table(max_table, max_tail)
     sum_part = piecewise_table(sum_table, sum_tail)
 
@@ -122,4 +134,5 @@ def analyse(schedule_parts: dict, count_window: Callable[[int, int], tuple[int, 
         total_visits=total_visits, dense_total_visits=sympy.expand(dense_total),
         kv_blocks=sympy.sympify(kv_blocks), dense_kv_blocks=T * nb,
         flops_per_block_visit=4 * p["bt"] * p["bt"] * p["D"], bytes_per_block=2 * p["bt"] * p["D"] * p["dbytes"],
-        num_heads=p["H"], num_kv_heads=p["Hkv"], chunk_frames=c)
+        num_heads=p["H"], num_kv_heads=p["Hkv"], chunk_frames=c,
+        settle_step=None if W is None else -(-(S + W + -(-C // nb)) // c))

@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import torch
 from hypothesis import strategies as st
 
+from .errors import require_int
 from .layout import VideoLayout
 from .lowering import lower
 from .neighborhood import All, Neighborhood, Radius, TopK
@@ -135,9 +136,17 @@ def chunk_tensors(schedule: Schedule, batch: int, seed: int, steps: int, quantiz
     return tuple(chunks)
 
 
+def rollouts(schedule=None, steps: Optional[int] = None,
+             max_batch: int = 2) -> st.SearchStrategy[RolloutCase]:
+    """A schedule and random chunks for a rollout of `steps` AR steps (None: 1 to 5)."""
+    if steps is not None:
+        require_int("rollouts.steps", steps, 1)  # 0 or -1 would yield empty rollouts
+    require_int("rollouts.max_batch", max_batch, 1)
+    return _rollouts(schedule, steps, max_batch)
+
+
 @st.composite
-def rollouts(draw, schedule=None, steps: Optional[int] = None, max_batch: int = 2) -> RolloutCase:
-    """A schedule and random chunks for a rollout of several AR steps."""
+def _rollouts(draw, schedule, steps, max_batch) -> RolloutCase:
     schedule = draw(schedules()) if schedule is None else (
         draw(schedule) if isinstance(schedule, st.SearchStrategy) else schedule)
     steps = draw(st.integers(1, 5)) if steps is None else steps

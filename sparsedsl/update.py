@@ -11,6 +11,7 @@ from functools import lru_cache
 from types import SimpleNamespace
 
 import sympy
+from sympy.parsing.sympy_parser import TokenError
 
 from .errors import PatternError
 
@@ -27,6 +28,11 @@ STATISTICS = {"importance": importance, "previous": previous, "age": age}
 #: Namespace for user code: `sd.stat.importance + 0.5 * sd.stat.previous`.
 stat = SimpleNamespace(**STATISTICS)
 
+#: What a score string may use besides the statistics: sympy's functions and numbers (no
+#: builtins, so a string cannot run arbitrary Python).
+_PARSE_GLOBALS = {name: getattr(sympy, name) for name in dir(sympy) if not name.startswith("_")}
+_PARSE_GLOBALS["__builtins__"] = {}
+
 
 @dataclass(frozen=True)
 class Update:
@@ -36,8 +42,14 @@ class Update:
 
     def __post_init__(self) -> None:
         try:
-            expr = sympy.sympify(self.score)
-        except (sympy.SympifyError, TypeError) as exc:
+            if isinstance(self.score, str):
+                # parse against the known statistics, so "importance*2" means stat.importance
+                expr = sympy.parse_expr(self.score, local_dict=dict(STATISTICS),
+                                        global_dict=_PARSE_GLOBALS, evaluate=True)
+            else:
+                expr = sympy.sympify(self.score)
+        except (sympy.SympifyError, TypeError, SyntaxError, TokenError, ValueError,
+                AttributeError, NameError) as exc:
             raise PatternError("update.score", self.score,
                                "a sympy expression over " + ", ".join(STATISTICS)) from exc
         if not isinstance(expr, sympy.Expr):

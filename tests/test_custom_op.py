@@ -1,4 +1,5 @@
-"""The attention custom op: same numbers as the autograd path, and no graph break under compile."""
+"""The attention custom op: the numbers (and gradients) of an independent dense float64
+reference, and no graph break under compile."""
 import torch
 
 from codegen.kernel_spec import AttentionKernelSpec
@@ -19,23 +20,98 @@ def _inputs(seed=0):
     cur_valid = torch.tensor([16, 9, 16, 9], dtype=torch.int32)
     kp, vp = r(B, 1, NS, 16, 16), r(B, 1, NS, 16, 16)
     slot_valid = torch.tensor([[[16, 16, 3, 16, 8]]], dtype=torch.int32)
-    visit_slots = torch.randint(0, NS, (B, 2, NQB, 3), generator=g, dtype=torch.int32)
+    # distinct slots per row (the kernels' contract: a block is visited at most once)
+    visit_slots = torch.stack([torch.randperm(NS, generator=g)[:3] for _ in range(B * 2 * NQB)])
+    visit_slots = visit_slots.reshape(B, 2, NQB, 3).to(torch.int32)
     visit_count = torch.randint(0, 4, (B, 2, NQB), generator=g, dtype=torch.int32)
     return q, kc, vc, cur_valid, kp, vp, slot_valid, visit_slots, visit_count
 
 
-def test_custom_op_matches_torch_backend_with_gradients():
+def dense_reference(spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_valid, visit_slots,
+                    visit_count, scale):
+    """Float64 attention over the full token mask, built from the spec's definition (not from
+    either backend): a query row of block qb attends the valid keys of current blocks j with
+    frame(j) <= frame(qb) (causal) and of the first visit_count pool slots it lists.
+    Padded query rows get O = 0 and LSE = -inf."""
+    B, H, NQB, BT, D = q.shape
+    NS = k_pool.shape[2]
+    G = spec.num_heads // spec.num_kv_heads
+    nb = spec.blocks_per_frame
+    outs, lses = [], []
+    for b in range(B):
+        ob, lb = [], []
+        for h in range(H):
+            kv = h // G
+            K = torch.cat([k_cur[b, kv].reshape(-1, D), k_pool[b, kv].reshape(-1, D)]).double()
+            V = torch.cat([v_cur[b, kv].reshape(-1, D), v_pool[b, kv].reshape(-1, D)]).double()
+            mask = torch.zeros(NQB * BT, (NQB + NS) * BT, dtype=torch.bool)
+            for qb in range(NQB):
+                rows = slice(qb * BT, qb * BT + int(cur_valid[qb]))
+                for j in range(NQB):
+                    if spec.current == "dense" or j // nb <= qb // nb:
+                        mask[rows, j * BT: j * BT + int(cur_valid[j])] = True
+                for i in range(int(visit_count[b, h, qb])):
+                    s = int(visit_slots[b, h, qb, i])
+                    mask[rows, (NQB + s) * BT: (NQB + s) * BT + int(slot_valid[b, kv, s])] = True
+            S = (q[b, h].reshape(-1, D).double() @ K.T) * scale
+            S = S.masked_fill(~mask, float("-inf"))
+            has = mask.any(1, keepdim=True)
+            S = torch.where(has, S, torch.zeros_like(S))
+            O = (torch.softmax(S, dim=1) * has) @ V
+            lse = torch.where(has[:, 0], torch.logsumexp(S, 1), torch.full_like(S[:, 0], float("-inf")))
+            ob.append(O.reshape(NQB, BT, D))
+            lb.append(lse.reshape(NQB, BT))
+        outs.append(torch.stack(ob))
+        lses.append(torch.stack(lb))
+    return torch.stack(outs), torch.stack(lses)
+
+
+def _loss(o, lse):
+    return o.square().sum() + lse[..., :9].sum()   # every block has >= 9 valid query rows
+
+
+def _reference_with_grads(args, scale):
+    leaves = [a.detach().double().requires_grad_() for a in args[:3]]
+    o, lse = dense_reference(SPEC, *leaves, *args[3:], scale=scale)
+    _loss(o, lse).backward()
+    return o.detach(), lse.detach(), [x.grad for x in leaves]
+
+
+def _assert_matches_reference(o, lse, grads, ref, cur_valid):
+    ro, rlse, rgrads = ref
+    valid = (torch.arange(16)[None, :] < cur_valid[:, None])        # [NQB, BT] real query rows
+    assert (lse[..., ~valid] == float("-inf")).all() and (o[..., ~valid, :] == 0).all()
+    torch.testing.assert_close(o.double(), ro, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double()[..., valid], rlse[..., valid], rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, rgrads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_custom_op_matches_float64_reference_with_gradients():
     args = _inputs()
+    assert int(args[8].sum()) > 0            # some pool visits, so the pool path is exercised
+    ref = _reference_with_grads(args, 0.25)
     o, lse = pbsa_attention_compiled(SPEC, *args, scale=0.25)
-    (o.square().sum() + lse[..., :9].sum()).backward()
-    grads = [a.grad.clone() for a in args[:3]]
-    for a in args[:3]:
-        a.grad = None
-    o2, lse2 = torch_backend.attention(SPEC, *args, scale=0.25)
-    (o2.square().sum() + lse2[..., :9].sum()).backward()
-    torch.testing.assert_close(o, o2)
-    for got, a in zip(grads, args[:3]):
-        torch.testing.assert_close(got, a.grad)
+    _loss(o, lse).backward()
+    _assert_matches_reference(o.detach(), lse.detach(), [a.grad for a in args[:3]], ref, args[3])
+
+
+def test_torch_backend_matches_float64_reference_with_gradients():
+    args = _inputs()
+    ref = _reference_with_grads(args, 0.25)
+    o, lse = torch_backend.attention(SPEC, *args, scale=0.25)
+    _loss(o, lse).backward()
+    _assert_matches_reference(o.detach(), lse.detach(), [a.grad for a in args[:3]], ref, args[3])
+
+
+def test_reference_notices_a_wrong_visit():
+    """The reference is sensitive to the visit table, so agreement with it means something."""
+    args = list(_inputs())
+    ref = _reference_with_grads(args, 0.25)
+    args[8] = args[8].clone()
+    args[8][0, 0, 0] = (args[8][0, 0, 0] + 1) % 4   # one query block of one head visits more/less
+    o, _ = torch_backend.attention(SPEC, *args, scale=0.25)
+    assert not torch.allclose(o.detach().double(), ref[0], rtol=1e-5, atol=1e-5)
 
 
 def test_custom_op_compiles_without_graph_breaks():

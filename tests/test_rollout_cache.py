@@ -158,6 +158,14 @@ def sync_persistent(schedule, prev, new, got, q64):
                 f"persistent sets differ beyond a near-tie at step {prev.step}, (b, g) = {(b, g)}: "
                 f"reference {sorted(want)}, cache {sorted(have)}, block {kb} scores {scores[kb]} "
                 f"vs C-th {cth}")
+        # A near-tie may go either way (float32 vs float64), but an exact tie may not: when a
+        # dropped block and a kept one score exactly the same, the lower block index must win.
+        exact_kept = [kb for kb in have - want if scores[kb] == cth]
+        exact_dropped = [kb for kb in want - have if scores[kb] == cth]
+        assert not any(d < k for d in exact_dropped for k in exact_kept), (
+            f"exact tie at step {prev.step}, (b, g) = {(b, g)}: the cache kept {sorted(exact_kept)} "
+            f"over the lower block(s) {sorted(exact_dropped)} of the same score {cth} "
+            "(ties go to the lower block index)")
         new.persistent[(b, g)] = {kb: scores[kb] for kb in have}
         for kb in want - have:
             new.kv[(b, g)].pop(kb)
