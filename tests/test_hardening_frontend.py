@@ -1,10 +1,7 @@
 """Hardening of the front end: bounded costs, clear errors, flags that do what they say."""
-import io
-import sys
 import time
 
 import pytest
-import sympy
 
 import sparsedsl as sd
 from sparsedsl.cli import main
