@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from .config import Config
 from .rope import apply_rope, rope_angles
 
+ROPE_TABLES_KEPT = 16   # RoPE tables cached per model (chunk positions x devices)
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of flow times t in [0, 1] (scaled to Self-Forcing's 0..1000)."""
@@ -137,6 +139,7 @@ class CausalDiT(nn.Module):
         self.head_norm = nn.LayerNorm(m.dim, elementwise_affine=False, eps=1e-6)
         self.head_modulation = nn.Parameter(torch.randn(1, 2, m.dim) / m.dim ** 0.5)
         self.head = nn.Linear(m.dim, patch_dim)
+        self._rope_tables: dict = {}
         self._init_weights()
 
     def _init_weights(self):
@@ -168,6 +171,18 @@ class CausalDiT(nn.Module):
         return x.permute(0, 1, 4, 2, 5, 3, 6).reshape(B, frames, self.channels, self.rows * p,
                                                        self.cols * p)
 
+    def _rope(self, positions: tuple, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables of these frame positions on `device`, kept for reuse: a rollout asks
+        for the same chunk positions at every denoising step and in every layer."""
+        key = (positions, str(device))
+        if key not in self._rope_tables:
+            if len(self._rope_tables) >= ROPE_TABLES_KEPT:   # rollouts move on: drop the oldest
+                self._rope_tables.pop(next(iter(self._rope_tables)))
+            cos, sin = rope_angles(torch.tensor(positions, device="cpu"), self.rows, self.cols,
+                                   self.cfg.head_dim, self.cfg.model.rope_theta)
+            self._rope_tables[key] = (cos.to(device), sin.to(device))
+        return self._rope_tables[key]
+
     # --- forward ----------------------------------------------------------------------------
     def forward(self, video: torch.Tensor, t: torch.Tensor, attend, frame_start: int = 0,
                 frame_positions: torch.Tensor | None = None, label: torch.Tensor | None = None,
@@ -183,9 +198,7 @@ class CausalDiT(nn.Module):
             raise ValueError(f"t.shape = {tuple(t.shape)}: expected (batch, frames) = {(B, Fr)}")
         if frame_positions is None:
             frame_positions = torch.arange(Fr, device="cpu") + frame_start
-        cos, sin = rope_angles(frame_positions.cpu(), self.rows, self.cols,
-                               self.cfg.head_dim, self.cfg.model.rope_theta)
-        cos, sin = cos.to(video.device), sin.to(video.device)
+        cos, sin = self._rope(tuple(frame_positions.tolist()), video.device)
         emb = self.time_embed(timestep_embedding(t, 256).to(video.dtype))          # [B, F, dim]
         if self.label_embed is not None:
             if label is None:

@@ -71,19 +71,18 @@ def ode_grid(cfg: Config) -> tuple[list[float], list[float]]:
 def generate(model, backend, cfg: Config, batch: int, frames: int,
              generator: Optional[torch.Generator] = None, device="cpu", dtype=torch.float32,
              label=None, autocast=None, on_chunk=None) -> torch.Tensor:
-    """Few-step AR generation of `frames` frames under `backend` (dense or a pattern)."""
-    cache = backend.new_cache(batch, device, dtype, max_frames=frames)
-    shape = (batch, cfg.video.chunk_frames, cfg.video.channels, cfg.video.height, cfg.video.width)
-    times = denoising_times(cfg.flow.denoising_steps, cfg.flow.shift)
-    with autocast or torch.autocast("cpu", enabled=False):
-        return rollout(model, cache, gaussian_noise(shape, generator, device), frames, times,
-                       label=label, on_chunk=on_chunk).float()
+    """Few-step AR generation of `frames` frames from noise under `backend` (dense or a
+    pattern): `continue_video` with an empty prefix."""
+    v = cfg.video
+    empty = torch.empty(batch, 0, v.channels, v.height, v.width, device=device)
+    return continue_video(model, backend, cfg, empty, frames, generator, dtype, autocast,
+                          on_chunk, label=label)
 
 
 @torch.no_grad()
 def continue_video(model, backend, cfg: Config, prefix: torch.Tensor, frames: int,
                    generator: Optional[torch.Generator] = None, dtype=torch.float32,
-                   autocast=None, on_chunk=None, cache=None) -> torch.Tensor:
+                   autocast=None, on_chunk=None, cache=None, label=None) -> torch.Tensor:
     """Generate `frames` frames after `prefix` [B, P, C, H, W] (clean frames in [-1, 1], P a
     whole number of chunks; P = 0 generates from noise). Returns the continuation only,
     [B, frames, C, H, W]. Pass `cache` to inspect it afterwards (bytes, memory)."""
@@ -95,6 +94,6 @@ def continue_video(model, backend, cfg: Config, prefix: torch.Tensor, frames: in
     times = denoising_times(cfg.flow.denoising_steps, cfg.flow.shift)
     with autocast or torch.autocast("cpu", enabled=False):
         if P:
-            prefill(model, cache, prefix.to(dtype))
+            prefill(model, cache, prefix.to(dtype), label=label)
         return rollout(model, cache, gaussian_noise(shape, generator, device), frames, times,
-                       on_chunk=on_chunk).float()
+                       label=label, on_chunk=on_chunk).float()

@@ -34,6 +34,8 @@ from codegen.autograd import pbsa_attention  # noqa: E402
 from codegen.kernel_spec import AttentionKernelSpec, KernelConfig  # noqa: E402
 from codegen.render import render_attention_source  # noqa: E402
 
+from attention_reference import dense_reference  # noqa: E402
+
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 gpu = pytest.mark.gpu
@@ -58,46 +60,6 @@ def _kernel_cache_dir(tmp_path_factory):
 # --------------------------------------------------------------------------
 # independent float64 reference: full token mask + torch.softmax
 # --------------------------------------------------------------------------
-def reference(spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_valid, visit_slots, visit_count, scale):
-    """Returns (o, lse) in float64; o = 0 and lse = -inf on padded query rows."""
-    B, H, NQB, BT, D = q.shape
-    NS = k_pool.shape[2]
-    G = spec.num_heads // spec.num_kv_heads
-    nb = spec.blocks_per_frame
-    cv = cur_valid.tolist()
-    sv = slot_valid.tolist()
-    vs = visit_slots.tolist()
-    vc = visit_count.tolist()
-    outs, lses = [], []
-    for b in range(B):
-        ob, lb = [], []
-        for h in range(H):
-            kv = h // G
-            K = torch.cat([k_cur[b, kv].reshape(NQB * BT, D), k_pool[b, kv].reshape(NS * BT, D)])
-            V = torch.cat([v_cur[b, kv].reshape(NQB * BT, D), v_pool[b, kv].reshape(NS * BT, D)])
-            mask = torch.zeros(NQB * BT, (NQB + NS) * BT, dtype=torch.bool)
-            for qb in range(NQB):
-                rows = slice(qb * BT, qb * BT + cv[qb])
-                for j in range(NQB):
-                    if spec.current == "dense" or j // nb <= qb // nb:
-                        mask[rows, j * BT: j * BT + cv[j]] = True
-                for i in range(vc[b][h][qb]):
-                    s = vs[b][h][qb][i]
-                    mask[rows, (NQB + s) * BT: (NQB + s) * BT + sv[b][kv][s]] = True
-            S = (q[b, h].reshape(NQB * BT, D) @ K.T) * scale
-            S = S.masked_fill(~mask, float("-inf"))
-            has = mask.any(1, keepdim=True)
-            S = torch.where(has, S, torch.zeros_like(S))
-            P = torch.softmax(S, dim=1) * has
-            O = P @ V
-            lse = torch.where(has[:, 0], torch.logsumexp(S, 1), torch.full_like(S[:, 0], float("-inf")))
-            ob.append(O.reshape(NQB, BT, D))
-            lb.append(lse.reshape(NQB, BT))
-        outs.append(torch.stack(ob))
-        lses.append(torch.stack(lb))
-    return torch.stack(outs), torch.stack(lses)
-
-
 def rel_err(out, ref):
     out = out.double().cpu()
     ref = ref.double().cpu()
@@ -185,7 +147,7 @@ def reference_with_grads(spec, prob, go, glse, scale, pool_grad):
         x = torch.nan_to_num(cpu[k].double(), nan=0.0, posinf=0.0, neginf=0.0)
         leaves[k] = x.requires_grad_(k in ("q", "k_cur", "v_cur") or pool_grad)
     args = [leaves[k] if k in leaves else cpu[k] for k in ARGS]
-    o, lse = reference(spec, *args, scale=scale)
+    o, lse = dense_reference(spec, *args, scale=scale)
     valid = torch.isfinite(lse)
     loss = (o * go.double().cpu()).sum() + torch.where(valid, lse, torch.zeros_like(lse)).mul(glse.double().cpu()).sum()
     loss.backward()

@@ -6,6 +6,8 @@ from codegen.kernel_spec import AttentionKernelSpec
 from codegen.ops import pbsa_attention_compiled, pbsa_attention_op, spec_to_json
 from codegen import torch_backend
 
+from attention_reference import dense_reference
+
 SPEC = AttentionKernelSpec(block_tokens=16, head_dim=16, num_heads=2, num_kv_heads=1,
                            dtype="float32", chunk_frames=2, blocks_per_frame=2, current="causal",
                            max_cached_visits=3, has_padding=True)
@@ -25,45 +27,6 @@ def _inputs(seed=0):
     visit_slots = visit_slots.reshape(B, 2, NQB, 3).to(torch.int32)
     visit_count = torch.randint(0, 4, (B, 2, NQB), generator=g, dtype=torch.int32)
     return q, kc, vc, cur_valid, kp, vp, slot_valid, visit_slots, visit_count
-
-
-def dense_reference(spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_valid, visit_slots,
-                    visit_count, scale):
-    """Float64 attention over the full token mask, built from the spec's definition (not from
-    either backend): a query row of block qb attends the valid keys of current blocks j with
-    frame(j) <= frame(qb) (causal) and of the first visit_count pool slots it lists.
-    Padded query rows get O = 0 and LSE = -inf."""
-    B, H, NQB, BT, D = q.shape
-    NS = k_pool.shape[2]
-    G = spec.num_heads // spec.num_kv_heads
-    nb = spec.blocks_per_frame
-    outs, lses = [], []
-    for b in range(B):
-        ob, lb = [], []
-        for h in range(H):
-            kv = h // G
-            K = torch.cat([k_cur[b, kv].reshape(-1, D), k_pool[b, kv].reshape(-1, D)]).double()
-            V = torch.cat([v_cur[b, kv].reshape(-1, D), v_pool[b, kv].reshape(-1, D)]).double()
-            mask = torch.zeros(NQB * BT, (NQB + NS) * BT, dtype=torch.bool)
-            for qb in range(NQB):
-                rows = slice(qb * BT, qb * BT + int(cur_valid[qb]))
-                for j in range(NQB):
-                    if spec.current == "dense" or j // nb <= qb // nb:
-                        mask[rows, j * BT: j * BT + int(cur_valid[j])] = True
-                for i in range(int(visit_count[b, h, qb])):
-                    s = int(visit_slots[b, h, qb, i])
-                    mask[rows, (NQB + s) * BT: (NQB + s) * BT + int(slot_valid[b, kv, s])] = True
-            S = (q[b, h].reshape(-1, D).double() @ K.T) * scale
-            S = S.masked_fill(~mask, float("-inf"))
-            has = mask.any(1, keepdim=True)
-            S = torch.where(has, S, torch.zeros_like(S))
-            O = (torch.softmax(S, dim=1) * has) @ V
-            lse = torch.where(has[:, 0], torch.logsumexp(S, 1), torch.full_like(S[:, 0], float("-inf")))
-            ob.append(O.reshape(NQB, BT, D))
-            lb.append(lse.reshape(NQB, BT))
-        outs.append(torch.stack(ob))
-        lses.append(torch.stack(lb))
-    return torch.stack(outs), torch.stack(lses)
 
 
 def _loss(o, lse):
