@@ -43,6 +43,16 @@ def dmd_times(run, step, idx):
                               DMD_TIME), run.cfg.flow.shift)
 
 
+def roughness(video: torch.Tensor) -> float:
+    """Mean neighbour-pixel difference over the mean deviation from each clip's mean: about
+    0.2 for the world's frames, about 1.4 for white noise. The first GPU runs' failure
+    (rollouts turning into per-patch noise) shows here long before the loss says anything."""
+    v = video.float()
+    diff = ((v[..., 1:, :] - v[..., :-1, :]).abs().mean() + (v[..., 1:] - v[..., :-1]).abs().mean()) / 2
+    spread = (v - v.mean(dim=tuple(range(1, v.dim())), keepdim=True)).abs().mean()
+    return float(diff / spread.clamp(min=1e-8))
+
+
 class SelfForcingStep:
     """The models, optimisers and one training step of stage c (also timed by
     bench/model_step.py)."""
@@ -103,7 +113,8 @@ class SelfForcingStep:
         run.set_lr(self.gen_opt, step, s.lr)
         grad_norm = run.sync_and_step(self.generator, self.gen_opt, dmd_loss)
         return {"dmd_loss": dmd_loss.item(), "fake_loss": fake_loss.item(),
-                "grad_norm": grad_norm, "cache_mib": cache_bytes / 2**20}
+                "grad_norm": grad_norm, "cache_mib": cache_bytes / 2**20,
+                "roughness": roughness(x0)}
 
 
 def train_self_forcing(cfg, run_dir, teacher, student, pattern: Optional[str] = None,
