@@ -197,20 +197,33 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1
 
 
-BENCH_SCRIPTS = {"attention": "gpu_attention.py", "program": "gpu_program.py", "memory": "memory.py"}
+# `sparsedsl bench NAME`: the benchmark modules of the checkout's bench/ folder, by name;
+# each prints a markdown table with the device, the date and its command
+BENCH_SCRIPTS = {
+    "attention": ("gpu_attention.py", "PBSA vs FlexAttention vs SDPA: checks, sweep, splits, table"),
+    "program": ("gpu_program.py", "program checks on the GPU and the selection's cost"),
+    "memory": ("memory.py", "the memory update's cost per chunk and the peak KV bytes"),
+    "model-step": ("model_step.py", "the reference model's self-forcing step and its attention share"),
+    "teacher-forcing": ("teacher_forcing_step.py", "the student's teacher-forcing step, profiled"),
+}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run a GPU benchmark script of the checkout's bench/ folder (they print markdown tables)."""
     import torch
 
+    if args.list:
+        width = max(map(len, BENCH_SCRIPTS))
+        for name, (script, what) in BENCH_SCRIPTS.items():
+            print(f"{name:<{width}}  bench/{script:<24} {what}")
+        return 0
     which = "memory" if args.memory else args.which
-    script = Path(__file__).resolve().parent.parent / "bench" / BENCH_SCRIPTS[which]
+    script = Path(__file__).resolve().parent.parent / "bench" / BENCH_SCRIPTS[which][0]
     if not script.is_file():
         raise CliError(f"{script} not found: `sparsedsl bench` runs from a source checkout")
     if not torch.cuda.is_available() and "--tiny" not in args.extra:
-        raise CliError("the benchmarks need a CUDA GPU (bench/memory.py and bench/gpu_attention.py "
-                       "take --tiny for a CPU smoke test: `sparsedsl bench memory --tiny`)")
+        raise CliError("the benchmarks need a CUDA GPU (all but `program` take --tiny for a CPU smoke test: "
+                       "`sparsedsl bench memory --tiny`)")
     sys.argv = [str(script)] + list(args.extra)
     runpy.run_path(str(script), run_name="__main__")
     return 0
@@ -462,11 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", metavar="D", type=_positive_int, default=16)
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("bench", help="GPU benchmarks: PBSA vs FlexAttention vs SDPA, memory",
-                       description="Run bench/gpu_attention.py (attention), bench/gpu_program.py "
-                                   "(program checks, selection cost) or bench/memory.py (update "
-                                   "cost, peak KV bytes); extra arguments go to the script.")
-    p.add_argument("which", nargs="?", choices=sorted(BENCH_SCRIPTS), default="attention")
+    p = sub.add_parser("bench", help="GPU benchmarks by name (--list): attention, memory, model step, ...",
+                       description="Run one benchmark module of the checkout's bench/ folder by "
+                                   "name (`sparsedsl bench --list`); extra arguments go to it "
+                                   "(`sparsedsl bench attention --phases check`).")
+    p.add_argument("which", nargs="?", choices=list(BENCH_SCRIPTS), default="attention")
+    p.add_argument("--list", action="store_true", help="list the benchmarks and what they measure")
     p.add_argument("--memory", action="store_true", help="same as `bench memory`")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="arguments for the script")
     p.set_defaults(func=cmd_bench)

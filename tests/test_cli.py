@@ -283,3 +283,17 @@ def test_bench_without_a_gpu_says_how_to_smoke_test(capsys):
         pytest.skip("a CUDA GPU is present: the no-GPU hint cannot occur")
     assert main(["bench", "--memory"]) == 2
     assert "--tiny" in capsys.readouterr().err
+
+
+def test_bench_lists_every_benchmark_and_each_exists(capsys):
+    """`sparsedsl bench --list` is the one entry point: every name it lists has its module in
+    bench/, and every module of bench/ has a name."""
+    from pathlib import Path
+
+    from sparsedsl.cli import BENCH_SCRIPTS
+    assert main(["bench", "--list"]) == 0
+    out = capsys.readouterr().out
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    for name, (script, _) in BENCH_SCRIPTS.items():
+        assert name in out and (bench / script).is_file(), name
+    assert {s for s, _ in BENCH_SCRIPTS.values()} == {p.name for p in bench.glob("*.py")}
