@@ -2,7 +2,7 @@
 
 The head dim D is cut into a time part of D - 4*(D//6) channels and row / column parts of
 2*(D//6) each; each part rotates its channel pairs by position x frequency. Keys enter
-the cache already rotated (Self-Forcing; DESIGN.md), so a cached block keeps the
+the cache already rotated (Self-Forcing; docs/design.md), so a cached block keeps the
 position of its own frame. Attention scores then depend only on position differences.
 
 `time_rope = "absolute"` (the one mode so far): a frame's time position is its index in

@@ -1,4 +1,4 @@
-"""The float64 reference: DESIGN.md §3 implemented literally, for clarity, not speed.
+"""The float64 reference: docs/design.md §2 implemented literally, for clarity, not speed.
 
 It is the oracle of every test. It reads only the pattern's parameters from the
 schedule (sink frames, window, neighborhood, current rule, update rule) and

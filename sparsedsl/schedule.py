@@ -9,7 +9,7 @@ Per query block of a chunk, the key blocks it visits at step t are, in order:
   top-k    -- dynamic picks among the window's candidates,     runtime indices.
 The methods below are the one place that turns the IR into concrete block ids;
 backends use them (or mirror them in generated code) and the tests check them
-against the float64 reference, which implements DESIGN.md §3 independently.
+against the float64 reference, which implements docs/design.md §2 independently.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Segments of the KV space, each with one access rule (DESIGN.md §3).
+"""Segments of the KV space, each with one access rule (docs/design.md §2).
 
 sink: first frames, kept forever, attended densely;
 persistent: at most `capacity` older blocks chosen by the update rule, attended densely;
