@@ -42,9 +42,9 @@ if ARGS.tiny:
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from codegen import launch  # noqa: E402
-from codegen.autograd import pbsa_attention  # noqa: E402
-from codegen.kernel_spec import AttentionKernelSpec, KernelConfig  # noqa: E402
+from codegen.attention import launch  # noqa: E402
+from codegen.attention.autograd import pbsa_attention  # noqa: E402
+from codegen.attention.kernel_spec import AttentionKernelSpec, KernelConfig  # noqa: E402
 
 DEV = "cpu" if ARGS.tiny else "cuda"
 OUT = os.environ.get("OUT", "/tmp/pbsa_bench_out")
@@ -366,7 +366,8 @@ def fwd_candidates():
         ("desc straight 64x128 w4 s2 auto-split", base.replace(fwd_block_m=64, fwd_warps=4, fwd_stages=2)),
         ("desc straight 128x64 w8 s3 auto-split", base.replace(fwd_block_n=64)),
         ("desc straight 128x64 w4 s3 auto-split", base.replace(fwd_block_n=64, fwd_warps=4)),
-        # the Gluon forward (codegen/gluon_forward.py): producer warp + two consumer warpgroups
+        # the Gluon forward (codegen/attention/gluon_forward.py): producer warp + two consumer
+        # warpgroups
         ("gluon warp-specialised 2x64, 3-stage TMA ring (sm_90)", base.replace(fwd_gluon=True, fwd_kv_splits=1)),
     ]
     if ARGS.sweep_set == "small":
@@ -449,7 +450,7 @@ def phase_sweep(density=0.25):
             log(f"| dq | {name} | failed: {repr(e)[:160]} | |")
     _, delta = launch.launch_dq(bwd_inputs(spec, args, do, KernelConfig()), o, lse, None, scale,
                                 KernelConfig().fitted(spec))
-    from codegen.transpose import build_transposed_schedule
+    from codegen.attention.transpose import build_transposed_schedule
 
     ms_t = bench(lambda: build_transposed_schedule(spec, t["visit_slots"], t["visit_count"], GEO["NSLOTS"], True))
     log(f"| transposed schedule (all items; Triton mark-and-compact builder) | - | {ms_t:.3f} | - |")

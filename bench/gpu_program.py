@@ -22,9 +22,9 @@ import triton
 
 import sparsedsl as sd
 from codegen import select as select_ops
-from codegen.autograd import pbsa_attention
+from codegen.attention.autograd import pbsa_attention
 from codegen.check import check_rollout
-from codegen.kernel_spec import AttentionKernelSpec
+from codegen.attention.kernel_spec import AttentionKernelSpec
 
 lines: list[str] = []
 
@@ -184,7 +184,7 @@ def program_overhead() -> None:
 def tune_small_blocks() -> None:
     """Launch configurations for 64-token blocks (the presets' 8x8 tiles) at Self-Forcing
     geometry: the defaults were tuned for 128-token blocks."""
-    from codegen.launch import default_config
+    from codegen.attention.launch import default_config
     say("## Launch configurations for 64-token blocks (sparse-forcing, 8x8 tiles, bf16, H=12, D=128)")
     say("")
     say("| config | fwd ms | fwd TFLOP/s | fwd+bwd ms (q, k, v grads; pool detached) |")

@@ -48,7 +48,7 @@ ARGS = ap.parse_args()
 import torch  # noqa: E402
 
 import sparsedsl as sd  # noqa: E402
-from codegen import rollout_cache as rc  # noqa: E402
+from codegen.memory import rollout_cache as rc  # noqa: E402
 from sparsedsl.layout import VideoLayout  # noqa: E402
 
 CUDA = torch.cuda.is_available() and not ARGS.tiny

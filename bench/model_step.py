@@ -25,7 +25,6 @@ import torch
 
 from models.attention import ChunkCache, make_backend
 from models.config import load_config
-from models.dit import CausalDiT
 from models.train.common import StageRun
 from models.train.self_forcing import SelfForcingStep
 

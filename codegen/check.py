@@ -14,13 +14,11 @@ import os
 import torch
 
 from sparsedsl import reference
+from sparsedsl.backends import get_backend
+from sparsedsl.errors import CheckEnvironmentError
 from sparsedsl.testing import chunk_tensors
 
-from .program import PBSAProgram
-from .tables import tables_from_reference
-
-class CheckEnvironmentError(RuntimeError):
-    """The check cannot run here (no GPU for Triton, a missing package): not a counterexample."""
+from .attention.tables import tables_from_reference
 
 
 def _preflight(backend: str, device: str) -> None:
@@ -77,8 +75,20 @@ def check_near_ties(s, state, q64, want, got, step):
         assert torch.equal(want[b, h, qb, non_cand], got[b, h, qb, non_cand])
 
 
+def _program(schedule, backend: str, device):
+    """The compiled program of `schedule`, made through the backend registry (codegen/__init__.py
+    registers "triton" and "torch" -> PBSAProgram). Not imported from program.py: that module
+    imports this one (`PBSAProgram.property_check`). "auto" is what a PBSAProgram of backend
+    "auto" runs on `device`: Triton for CUDA tensors, torch otherwise."""
+    if backend == "auto":
+        backend = "triton" if torch.device(device).type == "cuda" else "torch"
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend = {backend!r}: expected 'auto', 'triton' or 'torch'")
+    return get_backend(backend)(schedule)
+
+
 def check_rollout(schedule, backend, dtype, seed, steps, batch, device, check_grads=True):
-    program = PBSAProgram(schedule, backend=backend)
+    program = _program(schedule, backend, device)
     chunks = [tuple(x.to(dtype).double() for x in c)
               for c in chunk_tensors(schedule, batch, seed, steps)]
     state = reference.new_state(schedule, batch)

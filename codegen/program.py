@@ -21,8 +21,8 @@ from sparsedsl.explain import explain as explain_schedule
 from sparsedsl.schedule import Schedule
 
 from . import select as select_ops
-from .kernel_spec import AttentionKernelSpec
-from .tables import BlockTables
+from .attention.kernel_spec import AttentionKernelSpec
+from .attention.tables import BlockTables
 
 KERNEL_DTYPES = {"float16", "bfloat16", "float32"}
 
@@ -75,7 +75,7 @@ class PBSAProgram:
     @property
     def source(self) -> str:
         """The generated Triton source of this pattern's attention kernels (steady state)."""
-        from .cache import kernel_source
+        from .attention.cache import kernel_source
         step = 10**4 if self.schedule.window.frames is not None else 8
         dtype = self.schedule.dtype if self.schedule.dtype in KERNEL_DTYPES else "float32"
         header = [f"# {line}" for line in (self.schedule.describe().splitlines() +
@@ -85,20 +85,23 @@ class PBSAProgram:
     def write_source(self, out_dir):
         """Write the generated source to OUT_DIR/<pattern>-<key>.py (atomically); return the path."""
         from pathlib import Path
-        from .cache import _atomic_write
+        from .attention.cache import _atomic_write
         path = Path(out_dir) / f"{self.schedule.pattern_name}-{self.schedule.key}.py"
         _atomic_write(path, self.source)
         return path
 
     def property_check(self, examples: int = 20, device: str = "cpu", dtypes=None,
-                       num_heads=None, head_dim=None):
+                       num_heads=None, head_dim=None, backend=None):
         """Property-test this program's kernels (select, forward, backward) against the float64
         reference on small layouts of the same pattern; None if all pass, else the shrunk
-        counterexample as text. `num_heads` / `head_dim` fix those (else drawn small)."""
+        counterexample as text. `num_heads` / `head_dim` fix those (else drawn small);
+        `backend` overrides the program's (`sparsedsl check --backend`)."""
         from .check import property_check
         if dtypes is None:
             dtypes = ("float32",) if device == "cpu" else ("float32", "bfloat16", "float16")
-        backend = self.backend if self.backend != "auto" else ("triton" if device == "cuda" else "torch")
+        if backend is None:
+            backend = self.backend if self.backend != "auto" else (
+                "triton" if device == "cuda" else "torch")
         return property_check(self.schedule.pattern, examples=examples, device=device,
                               backend=backend, dtypes=dtypes, num_heads=num_heads,
                               head_dim=head_dim)
@@ -216,8 +219,8 @@ class PBSAProgram:
         `validate=False` skips every check that needs a sync. Wrong argument types raise
         ValueError naming what was expected.
         """
-        from .autograd import pbsa_attention
-        from .rollout_cache import check_tables
+        from .attention.autograd import pbsa_attention
+        from .memory.rollout_cache import check_tables
         s, lay = self.schedule, self.schedule.layout
         _check_types(q, k, v, tables)
         check_tables(self, tables)  # tables of another pattern's cache are refused
@@ -281,7 +284,7 @@ class PBSAProgram:
     def draw_memory(self, frames: int, path, seed: int = 0):
         """Simulate a rollout of `frames` frames on random q/k/v and draw which blocks of which
         frames are in the persistent set at every step (PNG at `path`)."""
-        from .rollout_cache import draw_memory, simulate_memory
+        from .memory.rollout_cache import draw_memory, simulate_memory
         steps = -(-frames // self.schedule.chunk_frames)
         snapshots = simulate_memory(self, steps, seed=seed)
         return draw_memory(snapshots, path, title=f"{self.schedule.pattern_name}: memory over "
@@ -289,11 +292,11 @@ class PBSAProgram:
 
     def new_cache(self, batch: int = 1, num_layers: int = 1, device="cpu", dtype=None,
                   max_frames: int | None = None):
-        """A RolloutCache for this program (codegen/rollout_cache.py): per layer a block pool of
-        the schedule's peak size and the block tables `attention` reads, updated by
+        """A RolloutCache for this program (codegen/memory/rollout_cache.py): per layer a block
+        pool of the schedule's peak size and the block tables `attention` reads, updated by
         `cache.commit(layer, q, k, v)` after each chunk's clean pass. `max_frames` bounds an
         unbounded window's pool (else it grows), or shrinks a bounded one for short rollouts."""
-        from .rollout_cache import RolloutCache
+        from .memory.rollout_cache import RolloutCache
         return RolloutCache(self, batch=batch, num_layers=num_layers, device=device, dtype=dtype,
                             max_frames=max_frames)
 

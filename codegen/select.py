@@ -1,5 +1,8 @@
 """The fused *select* step of persistent block-sparse attention (DESIGN.md §3, §4.3).
 
+A room of one module (codegen/__init__.py): it may import `codegen._interp_compat` only;
+the memory runtime and the program import it.
+
 Three operations, each with a Triton kernel and a plain-torch twin (`*_torch`, same
 arguments less `backend`; CPU fallback and second opinion in the tests):
 

@@ -16,29 +16,14 @@ command (`torchrun --nproc-per-node 2 -m models train teacher --config small`).
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import ConfigError, bundled_configs, load_config
+from .config import ConfigError, bundled_configs, load_config, parse_overrides
 
 STAGES = ("teacher", "student", "self-forcing")
 EXIT_STOPPED = 3   # a stage stopped at its --time-limit: resumable, not finished
-
-
-def parse_overrides(items: Sequence[str]) -> dict:
-    """--set teacher.steps=10 --set attention.tile=[4,4] -> {"teacher.steps": 10, ...}"""
-    out = {}
-    for item in items:
-        key, eq, text = item.partition("=")
-        if not eq or not key:
-            raise ConfigError("--set", item, item, "KEY=VALUE, e.g. teacher.steps=100")
-        try:
-            out[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            out[key] = text   # a bare word: a string
-    return out
 
 
 def cmd_train(args) -> int:

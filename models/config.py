@@ -12,12 +12,13 @@ refused by name rather than by a shape mismatch deep inside torch.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
 try:  # Python >= 3.11
     import tomllib
@@ -175,6 +176,20 @@ def config_path(name_or_path: Union[str, Path]) -> Path:
         raise ConfigError("--config", "config", str(name_or_path),
                           "a bundled name (" + ", ".join(bundled_configs()) + ") or a .toml file")
     return bundled
+
+
+def parse_overrides(items: Sequence[str]) -> dict:
+    """--set teacher.steps=10 --set attention.tile=[4,4] -> {"teacher.steps": 10, ...}"""
+    out = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq or not key:
+            raise ConfigError("--set", item, item, "KEY=VALUE, e.g. teacher.steps=100")
+        try:
+            out[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            out[key] = text   # a bare word: a string
+    return out
 
 
 def load_config(name_or_path: Union[str, Path], overrides: Optional[dict] = None) -> Config:

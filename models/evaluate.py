@@ -442,8 +442,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_evaluate(args) -> int:
     """Run the evaluation; bad input is one line on stderr and exit code 2."""
     try:
-        from .cli import parse_overrides
-        from .config import load_config
+        from .config import load_config, parse_overrides
         if not args.entry:
             raise EvaluateError("no --entry given: pass NAME=WEIGHTS[:PATTERN] at least once")
         if args.seeds < 1:

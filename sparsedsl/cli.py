@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import PatternError
+from .errors import CheckEnvironmentError, PatternError
 from .pattern import Pattern
 
 EXIT_USAGE = 2
@@ -177,7 +177,6 @@ def cmd_check(args: argparse.Namespace) -> int:
                               backend=args.backend)
     if not hasattr(program, "property_check"):
         raise CliError(f"backend '{args.backend}' has no kernels to check")
-    from codegen import check
 
     backend = args.backend if args.backend != "auto" else (
         "triton" if args.device == "cuda" else "torch")
@@ -185,10 +184,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"checking {program!r} against the float64 reference on {args.examples} random small "
           f"layouts ({args.device}, {args.heads} heads x {args.head_dim}) ...", flush=True)
     try:
-        report = check.property_check(pattern, examples=args.examples, device=args.device,
-                                      backend=backend, dtypes=dtypes, num_heads=args.heads,
-                                      head_dim=args.head_dim)
-    except check.CheckEnvironmentError as exc:
+        report = program.property_check(examples=args.examples, device=args.device,
+                                        backend=backend, dtypes=dtypes, num_heads=args.heads,
+                                        head_dim=args.head_dim)
+    except CheckEnvironmentError as exc:
         raise CliError(str(exc)) from exc
     if report is None:
         print(f"PASS: {args.examples} examples: visits, output, LSE and gradients match")

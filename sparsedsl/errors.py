@@ -1,4 +1,7 @@
-"""The one error type of the DSL: every rejected field says what it got and what is allowed."""
+"""The errors of the DSL: every rejected field says what it got and what is allowed
+(PatternError); a backend's check that cannot run where it is asked to raises
+CheckEnvironmentError (here, so that the command line can tell it from a counterexample
+without importing a backend)."""
 from __future__ import annotations
 
 
@@ -17,6 +20,10 @@ class PatternError(ValueError):
         if hint:
             message += f" ({hint})"
         super().__init__(message)
+
+
+class CheckEnvironmentError(RuntimeError):
+    """The check cannot run here (no GPU for Triton, a missing package): not a counterexample."""
 
 
 def require_int(field: str, value: object, minimum: int | None = None,

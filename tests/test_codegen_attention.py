@@ -28,11 +28,11 @@ triton = pytest.importorskip("triton")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from codegen import cache as kcache  # noqa: E402
-from codegen import launch  # noqa: E402
-from codegen.autograd import pbsa_attention  # noqa: E402
-from codegen.kernel_spec import AttentionKernelSpec, KernelConfig  # noqa: E402
-from codegen.render import render_attention_source  # noqa: E402
+from codegen.attention import cache as kcache  # noqa: E402
+from codegen.attention import launch  # noqa: E402
+from codegen.attention.autograd import pbsa_attention  # noqa: E402
+from codegen.attention.kernel_spec import AttentionKernelSpec, KernelConfig  # noqa: E402
+from codegen.attention.render import render_attention_source  # noqa: E402
 
 from attention_reference import dense_reference  # noqa: E402
 
@@ -286,8 +286,8 @@ def test_transposed_schedule_lists_every_visitor_once_in_order(case, include_poo
     """CSR of the transposed schedule vs a direct enumeration of the visit tables: item
     (b, kv head, j) lists h * NQB + qb of every query block that reads it, ascending;
     items run longest first; both builders (Triton marks, torch sort) agree."""
-    from codegen import transpose
-    from codegen.transpose import build_transposed_schedule
+    from codegen.attention import transpose
+    from codegen.attention.transpose import build_transposed_schedule
 
     spec, B, nslots, seed, _, _ = case
     prob = make_problem(spec, B, nslots, seed, device="cpu", poison=False)
@@ -457,7 +457,7 @@ def test_gpu_gluon_forward_matches_reference(bt, hkv, current, dtype, padding, m
     with padding, whose padded K/V/Q rows hold NaN and inf here): output, LSE and the
     gradients of the backward that consumes its LSE, against float64; and the same numbers
     as the generated Triton forward on identical inputs."""
-    from codegen import gluon_forward
+    from codegen.attention import gluon_forward
 
     spec = AttentionKernelSpec(bt, 128, 4, hkv, dtype, 2, 3, current, 8, padding)
     prob = make_problem(spec, 2, 12, seed=5)

@@ -2,9 +2,9 @@
 reference, and no graph break under compile."""
 import torch
 
-from codegen.kernel_spec import AttentionKernelSpec
-from codegen.ops import pbsa_attention_compiled, pbsa_attention_op, spec_to_json
-from codegen import torch_backend
+from codegen.attention.kernel_spec import AttentionKernelSpec
+from codegen.attention.ops import pbsa_attention_compiled, pbsa_attention_op, spec_to_json
+from codegen.attention import torch_backend
 
 from attention_reference import dense_reference
 

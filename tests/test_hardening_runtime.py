@@ -1,5 +1,5 @@
 """Runtime hardening: state dict validation, NaN scores, table checks, non-finite inputs,
-broken kernel cache entries and argument types (codegen/rollout_cache.py, program.py,
+broken kernel cache entries and argument types (codegen/memory/rollout_cache.py, program.py,
 cache.py, update_rule.py)."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from sparsedsl.layout import VideoLayout
 from sparsedsl.testing import chunk_tensors
 from sparsedsl.update import importance, previous
 
-from codegen import cache as kcache
+from codegen.attention import cache as kcache
 from codegen.program import PBSAProgram
 
 CUDA = torch.cuda.is_available()
@@ -227,7 +227,7 @@ def test_reference_ranks_nan_last():
     not (CUDA or INTERPRETER), reason="needs a GPU or TRITON_INTERPRET=1"))])
 def test_update_step_nan_below_minus_inf(backend):
     """NaN ranks below -inf; -inf and NaN are not a tie (torch and Triton alike)."""
-    from codegen import update_rule as ur
+    from codegen.memory import update_rule as ur
     rule = ur.load_update_rule(importance)
     dev = "cuda" if (CUDA and backend == "triton") else "cpu"
     f32, i32 = dict(dtype=torch.float32, device=dev), dict(dtype=torch.int32, device=dev)
@@ -260,7 +260,7 @@ def step_tables():
     chunks = chunks_of(s, 1, 2, 5)
     for q, k, v in chunks[:4]:
         state = reference.commit(s, state, q, k, v)
-    from codegen.tables import tables_from_reference
+    from codegen.attention.tables import tables_from_reference
     return program, tables_from_reference(program, state, torch.float32, "cpu"), chunks[4]
 
 

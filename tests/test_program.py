@@ -56,7 +56,7 @@ def test_program_is_registered_as_backends():
 
 def test_property_check_finds_a_broken_backend(monkeypatch):
     """The user-facing checker must fail, with a counterexample, when the kernel is wrong."""
-    from codegen import torch_backend
+    from codegen.attention import torch_backend
     real = torch_backend.attention
 
     def broken(spec, q, *args, **kwargs):
@@ -80,7 +80,7 @@ def test_to_block_mask_exports_exactly_the_visited_blocks():
     """
     from sparsedsl import reference
     from sparsedsl.testing import chunk_tensors
-    from codegen.tables import tables_from_reference
+    from codegen.attention.tables import tables_from_reference
 
     layout = sd.VideoLayout(8, 8, (4, 4), 2)  # no padding: 16-token blocks
     pattern = sd.presets.get("sparse-forcing", layout=layout, capacity=3, window_frames=2)

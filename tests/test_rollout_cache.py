@@ -1,5 +1,5 @@
-"""The rollout cache (codegen/rollout_cache.py) and the generated update rule
-(codegen/update_rule.py) against the float64 reference (sparsedsl/reference.py).
+"""The rollout cache (codegen/memory/rollout_cache.py) and the generated update rule
+(codegen/memory/update_rule.py) against the float64 reference (sparsedsl/reference.py).
 
 After every chunk: the persistent sets equal the reference's (up to float32-vs-float64
 near-ties at the C-th score, which are checked and then adopted by the reference so the
@@ -24,8 +24,8 @@ from sparsedsl.shapes import T
 from sparsedsl.testing import chunk_tensors, schedules
 from sparsedsl.update import age, importance, previous
 
-from codegen import rollout_cache as rc
-from codegen import update_rule as ur
+from codegen.memory import rollout_cache as rc
+from codegen.memory import update_rule as ur
 from codegen.check import TOL, check_near_ties, program_block_mask
 from codegen.program import PBSAProgram
 

@@ -10,7 +10,7 @@
         ... cache.commit(layer, q, k, v)
         # after the last layer's commit the cache is at step t + 1 (it advances by itself)
 
-What one layer holds (per batch element b and KV head g; BlockTables layout, codegen/tables.py)
+What one layer holds (per batch element b and KV head g; BlockTables layout, attention/tables.py)
     k_pool, v_pool   [B, HKV, NSLOTS, BT, D]  K/V blocks in the kernel's block size
     k_rep            [B, HKV, NSLOTS, D] f32  mean of each block's real keys (select, update)
     slot_valid       [B, HKV, NSLOTS] i32     real tokens of the block in the slot (0: free)
@@ -47,15 +47,15 @@ no host synchronisation (every count is a host integer known from the schedule):
      the cached key representatives of P_t ∪ window_t (select.block_importance: softmax of
      <q_rep, k_rep>/sqrt(D) over the domain, summed over query blocks), averaged over the
      query heads of the KV head, or over all heads when the set is shared;
-  2. the generated update step (codegen/update_rule.py): score P_t ∪ E_t with the pattern's
+  2. the generated update step (codegen/memory/update_rule.py): score P_t ∪ E_t with the pattern's
      sympy expression, Top-C (ties to the lower block index), persistent table rewritten;
      winners keep their slots (no K/V copy), losers go back to the free list; without
      persistent memory the blocks leaving the window are freed;
   3. the chunk's blocks that stay (window, or sink) are written into free slots (K, V and
      key representatives), and the sink / window tables advance (window_slots shifted so
      that position p stays block w_start*nb + p).
-Modules: sizes and the per-step plan in codegen/cache_plan.py, the GPU commit in
-codegen/triton_commit.py, snapshots and the picture in codegen/memory_picture.py.
+Modules: sizes and the per-step plan in codegen/memory/cache_plan.py, the GPU commit in
+codegen/memory/triton_commit.py, snapshots and the picture in codegen/memory/memory_picture.py.
 Backend "triton": three launches per layer (`_TritonCommit`: fused importance, the
 generated update kernel, which also shifts the window table, and `_write_chunk_kernel`),
 with every per-step integer a runtime argument that Triton does not specialise on, so a
@@ -81,11 +81,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import select as select_ops
+from .. import select as select_ops
+from ..attention.tables import BlockTables
 from .cache_plan import (StepPlan, _kv_blocks, expected_nbytes, peak_blocks, steady_frames,
                          step_plan)
+from .layer import _Layer
 from .memory_picture import MemorySnapshot, draw_memory, simulate_memory
-from .tables import BlockTables
 from .triton_commit import _TritonCommit
 from .update_rule import load_update_rule, update_step
 
@@ -123,45 +124,6 @@ def check_tables(program, tables: BlockTables) -> None:
         raise ValueError(f"these tables belong to a cache of schedule {key}, not to "
                          f"{program!r} (schedule {program.schedule.key}); make the cache with "
                          "this program's new_cache()")
-
-
-# ==================================================================================
-# one layer's state
-# ==================================================================================
-class _Layer:
-    """Tensors and host counters of one layer (see the module docstring)."""
-
-    def __init__(self, B, HKV, nslots, bt, d, sink_w, cmax, nwmax, dtype, device):
-        i32 = dict(dtype=torch.int32, device=device)
-        self.k_pool = torch.zeros(B, HKV, nslots, bt, d, dtype=dtype, device=device)
-        self.v_pool = torch.zeros_like(self.k_pool)
-        self.k_rep = torch.zeros(B, HKV, nslots, d, dtype=torch.float32, device=device)
-        self.slot_valid = torch.zeros(B, HKV, nslots, **i32)
-        self.slot_block = torch.full((B, HKV, nslots), -1, **i32)
-        self.slot_score = torch.zeros(B, HKV, nslots, dtype=torch.float32, device=device)
-        # top of the stack = slot 0 first: pops take free_list[..., n_free - m : n_free]
-        self.free_list = torch.arange(nslots - 1, -1, -1, **i32).expand(B, HKV, nslots).contiguous()
-        self.sink_slots = torch.zeros(B, HKV, sink_w, **i32)
-        self.persistent_slots = torch.zeros(B, HKV, cmax, **i32)
-        self.persistent_count = torch.zeros(B, HKV, **i32)
-        self.window_slots = torch.zeros(B, HKV, nwmax, **i32)
-        self.step = 0
-        self.n_free = nslots
-        self.n_persistent = 0
-
-    @property
-    def nslots(self) -> int:
-        return self.k_pool.shape[2]
-
-    def free_dropped_window(self, plan: StepPlan, n_free0: int) -> None:
-        """No persistent memory: the blocks leaving the window go back to the free list."""
-        dropped = self.window_slots[..., :plan.n_drop].long()
-        self.free_list[..., n_free0:n_free0 + plan.n_drop] = self.window_slots[..., :plan.n_drop]
-        self.slot_block.scatter_(2, dropped, -1)
-        self.slot_valid.scatter_(2, dropped, 0)
-        self.slot_score.scatter_(2, dropped, 0.0)
-
-
 
 
 # ==================================================================================

@@ -128,7 +128,7 @@ class KernelConfig:
              and merge the partial softmaxes (fills the last wave of SMs);
              0 = choose from the SM count.
     fwd_overlap / dq_overlap / dkdv_overlap: loop orders that let the softmax (or dS)
-             work run while a matmul is in flight (see codegen/render.py).
+             work run while a matmul is in flight (see codegen/attention/render.py).
     """
 
     variant: str = "ptr"
@@ -159,9 +159,9 @@ class KernelConfig:
     # matmuls per pair; the summation order varies). The launcher uses "ordered" whenever
     # torch.use_deterministic_algorithms(True) is on. The atomic kernel takes the dkdv_* tiles.
     bwd_dq: str = "ordered"
-    # the Gluon forwards (codegen/gluon_forward.py, FA3-style warp specialisation) where they
+    # the Gluon forwards (gluon_forward.py, FA3-style warp specialisation) where they
     # apply: sm_90, bf16/fp16, head dim 128, unpadded 128-token or any 64-token blocks, no
-    # explicit KV splits (codegen.gluon_forward.supported)
+    # explicit KV splits (gluon_forward.supported)
     fwd_gluon: bool = False
     # atomic dQ adds as TMA bulk reductions instead of per-element atomics (with "desc" loads only)
     dq_atomic_tma: bool = False

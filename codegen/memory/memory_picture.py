@@ -42,15 +42,17 @@ class MemorySnapshot:
 def simulate_memory(program, steps: int, batch: int = 1, seed: int = 0, device="cpu",
                     dtype=torch.float32, chunks: Optional[Sequence] = None) -> list[MemorySnapshot]:
     """Commit `steps` chunks (random q/k/v unless `chunks` gives (q, k, v) per step) through a
-    one-layer cache and return the memory after every step (snapshot i = before chunk i)."""
+    one-layer cache (`program.new_cache`) and return the memory after every step (snapshot
+    i = before chunk i)."""
     s = program.schedule
     if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= MAX_SIMULATED_STEPS:
         raise ValueError(f"simulate_memory: steps = {steps!r} is not allowed: an integer in "
                          f"[0, {MAX_SIMULATED_STEPS}] (the simulation holds and draws every step)")
-    from .rollout_cache import RolloutCache  # here: rollout_cache imports this module
-
-    cache = RolloutCache(program, batch=batch, num_layers=1, device=device, dtype=dtype,
-                         max_frames=(steps + 1) * s.chunk_frames if s.window.frames is None else None)
+    # the program makes the cache (PBSAProgram.new_cache -> RolloutCache): this module sits
+    # below rollout_cache.py, which imports it, and does not import it back
+    cache = program.new_cache(batch=batch, num_layers=1, device=device, dtype=dtype,
+                              max_frames=(steps + 1) * s.chunk_frames if s.window.frames is None
+                              else None)
     gen = torch.Generator().manual_seed(seed)
     lay = s.layout
     n = lay.chunk_blocks * lay.block_tokens

@@ -1,7 +1,7 @@
 """Launchers for the generated PBSA attention kernels (forward, backward).
 
-These functions take already validated inputs (see codegen/validate.py) and
-return plain tensors; `codegen.autograd` wires them into autograd.
+These functions take already validated inputs (see codegen/attention/validate.py) and
+return plain tensors; `codegen.attention.autograd` wires them into autograd.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def _out(*shape, dtype, device) -> torch.Tensor:
 def interpreter_active() -> bool:
     active = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     if active:
-        from . import _interp_compat
+        from .. import _interp_compat
 
         _interp_compat.install()
     return active

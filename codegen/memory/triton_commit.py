@@ -2,7 +2,7 @@
 
 1. `select.CommitImportance`: the chunk's query representatives and the importance partial
    sums over P_t and the window, read straight from the persistent and window tables;
-2. the generated update kernel (codegen/update_rule.py): importance averaged over the heads,
+2. the generated update kernel (codegen/memory/update_rule.py): importance averaged over the heads,
    scores, Top-C, tables rewritten, losers freed, the window table shifted;
 3. `_write_chunk_kernel`: the kept chunk blocks into free slots (K, V, key representative,
    slot_block, slot_valid) and into the sink / window tables.
@@ -11,12 +11,11 @@ specialise on (tests/test_rollout_cache.py checks that steady-state commits comp
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from . import select as select_ops
+from .. import select as select_ops
 from .cache_plan import StepPlan
+from .layer import _Layer
 from .update_rule import launch_update_kernel
 
 try:  # the torch commit works without triton
@@ -25,9 +24,6 @@ try:  # the torch commit works without triton
 except Exception:  # pragma: no cover - triton missing
     triton = None
     tl = None
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .rollout_cache import RolloutCache, _Layer
 
 # ==================================================================================
 # the commit on the GPU: three launches, nothing recompiled at steady state
@@ -48,7 +44,8 @@ class _TritonCommit:
     specialise on, so a steady-state commit compiles nothing. No host synchronisation.
     """
 
-    def __init__(self, cache: "RolloutCache"):
+    def __init__(self, cache):
+        """`cache`: the RolloutCache this commit serves (not imported: it imports this module)."""
         s = cache.schedule
         B, H, HKV = cache.batch, s.num_heads, s.num_kv_heads
         dev = cache.device

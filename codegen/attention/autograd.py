@@ -4,7 +4,7 @@
                             k_pool, v_pool, slot_valid, visit_slots, visit_count)
 
 Backends: "triton" (generated kernels; on CPU only under TRITON_INTERPRET=1),
-"torch" (codegen/torch_backend.py), "auto" (triton on CUDA or under the
+"torch" (codegen/attention/torch_backend.py), "auto" (triton on CUDA or under the
 interpreter, torch otherwise). Gradients flow to q, k_cur, v_cur and, when they
 require grad, k_pool/v_pool (cached, detached pool blocks are skipped entirely).
 lse is differentiable too (its gradient folds into the softmax backward).
