@@ -5,7 +5,7 @@ pending and runs no warp specialisation, so the generated Triton forward (render
 computes S = Q K^T, the softmax and O += P V one after the other (~470 TFLOP/s on an H100).
 Gluon exposes the pieces FA3 uses: async wgmma with `warpgroup_mma_wait(num_outstanding)`,
 TMA with mbarriers, and `gl.warp_specialize`. Measured on the same problem
-(bench/gluon_fwd_probe.py, docs/benchmarks.md): ~600 TFLOP/s.
+(measured by a retired probe script; the numbers are in docs/benchmarks.md): ~600 TFLOP/s.
 
 Structure of one program = one (batch, head, query block of 128 rows):
   - a 1-warp producer partition TMA-loads Q (two 64-row halves) and then the K/V tiles of
