@@ -9,6 +9,8 @@ Rooms, by job; a room may import the rooms below it, never one above
     select.py          the fused select: representatives, window Top-K, block importance
     attention/         the attention kernels: spec, templates, kernel cache, launch, autograd
     _interp_compat.py  shims for Triton's CPU interpreter (imports nothing of codegen)
+    _templates.py      Jinja2 settings of the kernel templates, and their hash (imports
+                       nothing of codegen)
 
 Entry points (imported lazily so that importing `codegen` never imports triton):
     codegen.attention.kernel_spec.AttentionKernelSpec, KernelConfig

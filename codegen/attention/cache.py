@@ -1,7 +1,8 @@
 """On-disk kernel cache: render once, write atomically, import with importlib.
 
-Key = sha256 over (generator version, spec fields, load variant, torch and
-triton versions). The file `pbsa_attn_<key>.py` lives in the cache directory
+Key = sha256 over (generator version, the template files' hash `render.TEMPLATE_HASH`,
+spec fields, load variant, torch and triton versions): editing a template re-renders. The
+file `pbsa_attn_<key>.py` lives in the cache directory
 (`$SPARSEDSL_KERNEL_CACHE`, else `~/.cache/sparsedsl/kernels`). Its first line
 names the key; a file whose first line does not match is re-rendered, and so is a file
 with the right key line that fails to import (cut short after it, say).

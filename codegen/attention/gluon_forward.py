@@ -1,7 +1,7 @@
 """The PBSA forward on Hopper (sm_90) in Gluon: FlashAttention-3's overlap, by hand.
 
 Why a second forward: `triton.language` on sm_90 (Triton 3.6) waits on every wgmma with 0
-pending and runs no warp specialisation, so the generated Triton forward (render.py)
+pending and runs no warp specialisation, so the generated Triton forward (templates/forward.py.jinja)
 computes S = Q K^T, the softmax and O += P V one after the other (~470 TFLOP/s on an H100).
 Gluon exposes the pieces FA3 uses: async wgmma with `warpgroup_mma_wait(num_outstanding)`,
 TMA with mbarriers, and `gl.warp_specialize`. Measured on the same problem

@@ -128,7 +128,7 @@ class KernelConfig:
              and merge the partial softmaxes (fills the last wave of SMs);
              0 = choose from the SM count.
     fwd_overlap / dq_overlap / dkdv_overlap: loop orders that let the softmax (or dS)
-             work run while a matmul is in flight (see codegen/attention/render.py).
+             work run while a matmul is in flight (see codegen/attention/templates/helpers.py.jinja).
     """
 
     variant: str = "ptr"
