@@ -33,7 +33,8 @@ def _pow2_at_least(x: int, floor: int) -> int:
 
 class PBSAProgram:
     """Runs a schedule with the generated Triton kernels (`backend="triton"`) or the PyTorch
-    backend over the same tables (`backend="torch"`, CPU and fallback)."""
+    backend over the same tables (`backend="torch"`, CPU and fallback). Follows the program
+    protocol (sparsedsl/protocol.py); its cache is a RolloutCache."""
 
     def __init__(self, schedule: Schedule, backend: str = "auto", config=None):
         if backend not in ("auto", "triton", "torch"):

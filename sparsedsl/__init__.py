@@ -13,13 +13,14 @@ from __future__ import annotations
 from typing import Optional
 
 from . import presets, reference
-from .backends import available_backends, get_backend, register_backend
-from .errors import PatternError
+from .backends import available_backends, get_backend, make_program, register_backend
+from .errors import BackendError, PatternError
 from .layout import VideoLayout
 from .lowering import lower
 from .neighborhood import All, Intersection, Neighborhood, Radius, TopK, Union
 from .pattern import Pattern
-from .program import ReferenceProgram
+from .program import ReferenceCache, ReferenceProgram
+from .protocol import Cache, Program
 from .schedule import Schedule
 from .segments import Causal, Dense, LocalWindow, Persistent, Sink
 from .update import Update, stat
@@ -32,13 +33,15 @@ register_backend("reference", ReferenceProgram)
 def compile(pattern: Pattern, *, num_heads: int = 12, num_kv_heads: Optional[int] = None,
             head_dim: int = 128, dtype: object = "bfloat16", backend: str = "auto", **options):
     """Lower `pattern` to a schedule and hand it to a backend ("auto": Triton on a GPU, else the
-    PyTorch backend, else the float64 reference)."""
+    PyTorch backend, else the float64 reference). Every backend returns a `Program`
+    (sparsedsl/protocol.py); one that does not raises BackendError here."""
     schedule = lower(pattern, num_heads=num_heads, num_kv_heads=num_kv_heads,
                      head_dim=head_dim, dtype=dtype)
-    return get_backend(backend)(schedule, **options)
+    return make_program(backend, schedule, **options)
 
 
 __all__ = ["compile", "lower", "Pattern", "VideoLayout", "Sink", "Persistent", "LocalWindow",
            "Dense", "Causal", "All", "Radius", "TopK", "Union", "Intersection", "Neighborhood",
-           "Update", "stat", "PatternError", "Schedule", "presets", "reference",
-           "register_backend", "available_backends", "get_backend", "ReferenceProgram"]
+           "Update", "stat", "PatternError", "BackendError", "Schedule", "presets", "reference",
+           "register_backend", "available_backends", "get_backend", "Program", "Cache",
+           "ReferenceProgram", "ReferenceCache"]

@@ -1,5 +1,6 @@
 """The errors of the DSL: every rejected field says what it got and what is allowed
-(PatternError); a backend's check that cannot run where it is asked to raises
+(PatternError); a backend that does not follow the program protocol raises BackendError;
+a backend's check that cannot run where it is asked to raises
 CheckEnvironmentError (here, so that the command line can tell it from a counterexample
 without importing a backend)."""
 from __future__ import annotations
@@ -20,6 +21,12 @@ class PatternError(ValueError):
         if hint:
             message += f" ({hint})"
         super().__init__(message)
+
+
+class BackendError(TypeError):
+    """A registered backend is unusable: its factory is not callable, or what it built does not
+    follow the program protocol (sparsedsl/protocol.py). The message names the backend and
+    the members it lacks."""
 
 
 class CheckEnvironmentError(RuntimeError):

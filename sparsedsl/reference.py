@@ -91,7 +91,7 @@ def allowed_blocks(schedule: Schedule, state: RolloutState, q: torch.Tensor) -> 
     lay, step = schedule.layout, state.step
     c = lay.chunk_frames
     n_keys = (step + 1) * lay.chunk_blocks
-    q_blocks = _chunk_blocks(q.double(), schedule)
+    q_blocks = _chunk_blocks(q.detach().double(), schedule)  # picks are not differentiated
     B, H = q.shape[0], q.shape[1]
     group = schedule.num_heads // schedule.num_kv_heads
     mask = torch.zeros(B, H, lay.chunk_blocks, n_keys, dtype=torch.bool)
