@@ -248,7 +248,7 @@ class PBSAProgram:
         return out, lse
 
     def visited_blocks(self, visit_slots, visit_count, tables: BlockTables) -> list:
-        """Global block ids of the cached visits: [b][h][qb] -> sorted list (for checks, export)."""
+        """Global block ids of the cached visits: [b][h][qb] -> sorted list (for checks)."""
         s = self.schedule
         group = s.num_heads // s.num_kv_heads
         slot_block = tables.slot_block.cpu()
@@ -259,25 +259,20 @@ class PBSAProgram:
                  for h in range(H)] for b in range(B)]
 
     def to_block_mask(self, q: torch.Tensor, tables: BlockTables):
-        """The step's visits as a FlexAttention BlockMask over the global key blocks
-        [0, (step+1) * chunk_blocks) (for interop and benchmarks; padding is not masked)."""
-        from torch.nn.attention.flex_attention import BlockMask
-        s = self.schedule
-        step = tables.step
-        visit_slots, visit_count = self.visit_tables(self._blocks(q).detach(), tables, step)
-        blocks = self.visited_blocks(visit_slots, visit_count, tables)
-        n_keys = (step + 1) * s.layout.chunk_blocks
-        B, H, NQB = visit_count.shape
-        kv_indices = torch.zeros(B, H, NQB, n_keys, dtype=torch.int32)
-        kv_num = torch.zeros(B, H, NQB, dtype=torch.int32)
-        for b in range(B):
-            for h in range(H):
-                for qb in range(NQB):
-                    row = blocks[b][h][qb] + s.current_blocks(step, qb)
-                    kv_num[b, h, qb] = len(row)
-                    kv_indices[b, h, qb, :len(row)] = torch.tensor(sorted(row), dtype=torch.int32)
-        return BlockMask.from_kv_blocks(kv_num.to(q.device), kv_indices.to(q.device),
-                                        BLOCK_SIZE=s.layout.block_tokens)
+        """The step's attention as a FlexAttention BlockMask (built on q's device, tensor ops only).
+
+        Keys are the global key sequence of every frame so far: blocks [0, (step+1) *
+        chunk_blocks) in tile-major order, i.e. K = torch.cat([k_0, ..., k_step], dim=2) of the
+        chunks' tile-major k (padding slots included; V likewise). Then
+        `flex_attention(q, K, V, block_mask=mask, enable_gqa=True)` computes exactly
+        `self.attention(q, k_step, v_step, tables)`, eager or compiled: the `mask_mod` holds the
+        visited blocks and masks padding (padded query rows give 0, log-sum-exp -inf). Padded
+        key slots are never attended, but unlike for `attention` they must hold finite values
+        (zeros, as `VideoLayout.to_tile_major` writes): Flex multiplies their zero weights by V.
+        Visited pairs of two whole tiles are Flex's full blocks, the others its partial blocks
+        (codegen/flex_export.py)."""
+        from .flex_export import block_mask
+        return block_mask(self, q, tables)
 
     def __repr__(self) -> str:
         return f"PBSAProgram({self.schedule.pattern_name}, key={self.schedule.key}, backend={self.backend})"
