@@ -30,6 +30,10 @@ def cmd_train(args) -> int:
     from .train.common import default_run_dir
     cfg = load_config(args.config, parse_overrides(args.set))
     stage = args.stage.replace("-", "_")
+    if args.init is not None and stage != "teacher":
+        raise ConfigError("command line", "--init", args.init,
+                          f"only with `train teacher`; the {args.stage} stage starts from "
+                          "--teacher/--student")
     pattern = args.pattern
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(
         cfg, stage, pattern if stage == "self_forcing" else None)
@@ -39,7 +43,7 @@ def cmd_train(args) -> int:
     if stage == "teacher":
         from .train.teacher import train_teacher
         out = train_teacher(cfg, run_dir, progress=progress, time_limit=args.time_limit,
-                            data=args.data)
+                            data=args.data, init=args.init)
     elif stage == "student":
         from .train.student import train_student
         out = train_student(cfg, run_dir, teacher, progress=progress, time_limit=args.time_limit,
@@ -85,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="default runs/<config>/<stage>[-<pattern>]")
     p.add_argument("--teacher", default=None, help="teacher run folder or weights file")
     p.add_argument("--student", default=None, help="student run folder or weights file")
+    p.add_argument("--init", default=None, metavar="WEIGHTS",
+                   help="teacher: start from these weights with a fresh optimiser (continue a "
+                        "teacher across short GPU leases); ignored when the run folder resumes")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set teacher.steps=100")
     p.add_argument("--data", default=None, metavar="FOLDER",

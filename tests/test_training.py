@@ -479,6 +479,34 @@ def test_missing_teacher(capsys, tmp_path):
     assert str(tmp_path / "nowhere") in line and "train it first" in line, line
 
 
+def test_teacher_init_continues_from_weights(stages, tmp_path):
+    """`--init WEIGHTS` starts the teacher (and its EMA) from trained weights with a fresh
+    optimiser: after one step every weight is within one Adam step (lr, plus the bf16
+    rounding of the export) of the start; a run without it starts from the initial weights,
+    which the trained teacher left far behind."""
+    cfg = load_config("tiny", overrides={"teacher.steps": 1, "teacher.checkpoint_every": 1})
+    start = weights(stages.teacher)
+    seeded_train(train_teacher, cfg, tmp_path / "init", progress=False, init=str(stages.teacher))
+    seeded_train(train_teacher, cfg, tmp_path / "fresh", progress=False)
+
+    def outside_one_step(run) -> float:
+        after, out, total = weights(run), 0, 0
+        for k, w in start.items():
+            bound = 1.01 * cfg.teacher.lr + w.float().abs() * 2 ** -7 + 1e-6
+            out += ((after[k].float() - w.float()).abs() > bound).sum().item()
+            total += w.numel()
+        return out / total
+
+    assert outside_one_step(tmp_path / "init") == 0
+    assert outside_one_step(tmp_path / "fresh") > 0.1
+
+
+def test_init_is_for_the_teacher_only(capsys, stages, tmp_path):
+    line = cli_error(capsys, "train", "student", "--config", "tiny", "--run-dir",
+                     str(tmp_path / "run"), "--init", str(stages.teacher), "--no-progress")
+    assert "--init" in line and "teacher" in line, line
+
+
 def corrupt_run(stages, tmp_path, damage) -> tuple[Path, Path, dict]:
     """A copy of the tiny teacher's run with `damage(checkpoints_dir)` applied; returns (run
     dir, the damaged file, every file of the run's checkpoints before the resume)."""

@@ -15,17 +15,24 @@ import torch
 from ..attention import SequenceAttention
 from ..flow import add_noise, sample_times, velocity_loss
 from ..sampling import sample_clip
-from .common import StageRun, Throughput, per_sample
+from .common import StageRun, Throughput, load_stage_weights, per_sample
 
 LABEL_DROPOUT = 0.1   # classifier-free guidance needs the unconditional model too
 TIME, NOISE, LABEL = 1, 2, 3   # streams of one sample's random draws
 
 
 def train_teacher(cfg, run_dir, info=None, progress: bool = True,
-                  time_limit: Optional[float] = None, data: Optional[str] = None) -> Path:
+                  time_limit: Optional[float] = None, data: Optional[str] = None,
+                  init: Optional[str] = None) -> Path:
+    """`init`: a weights file (or run folder) the model and its EMA start from, with a fresh
+    optimiser: how a teacher grows over several short GPU leases when its checkpoint (with
+    the optimiser, 6x the weights) cannot travel between them. A run folder that already has
+    a checkpoint resumes from it instead."""
     run = StageRun(cfg, "teacher", run_dir, info, progress, time_limit, data)
     s = run.scfg
     model = run.new_model()
+    if init is not None:
+        model.load_state_dict(load_stage_weights(cfg, init, "teacher", run.device).state_dict())
     opt = run.optimizer(model, s.lr)
     objects = {"model": model, "optim": opt}
     ema = None
