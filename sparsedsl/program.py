@@ -22,6 +22,7 @@ import torch
 
 from . import reference
 from .explain import explain
+from .protocol import CacheStepRules
 from .schedule import Schedule
 
 FORMAT_VERSION = 1
@@ -110,7 +111,7 @@ class ReferenceProgram:
         return f"ReferenceProgram({self.schedule.pattern_name}, key={self.schedule.key})"
 
 
-class ReferenceCache:
+class ReferenceCache(CacheStepRules):
     """The rollout cache of the reference backend (sparsedsl.protocol.Cache): one
     `reference.RolloutState` per layer, updated by `reference.commit`. It keeps the same step
     protocol and raises the same ValueErrors as codegen's RolloutCache; K/V are held in float64
@@ -151,22 +152,9 @@ class ReferenceCache:
         raise ValueError(f"dtype = {dtype!r}: the reference backend takes one of {sorted(_DTYPES)}")
 
     # --- the protocol ---------------------------------------------------------------------
-    def _layer(self, layer) -> reference.RolloutState:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
-            raise ValueError(f"layer = {layer!r}: expected an integer in [0, {self.num_layers})")
-        return self.layers[layer]
-
-    def pending_layers(self) -> list[int]:
-        """Layers that have not committed the current step yet."""
-        return [i for i, st in enumerate(self.layers) if st.step == self.step]
-
     def tables(self, layer: int) -> ReferenceTables:
         """The layer's state at the current step (what ReferenceProgram.attention reads)."""
-        state = self._layer(layer)
-        if state.step != self.step:
-            raise ValueError(f"layer {layer} has already committed chunk {self.step}; its tables "
-                             f"now describe step {state.step}. Commit the other layers "
-                             f"{self.pending_layers()} to finish step {self.step} first")
+        state = self._uncommitted(layer, reading_tables=True)
         return ReferenceTables(state, self.schedule.key, layer, self.dtype, self.device)
 
     def attention(self, layer: int, q, k, v, **kwargs):
@@ -177,24 +165,8 @@ class ReferenceCache:
         """`reference.commit` of the current chunk in `layer` (not differentiated); the cache
         advances after the last layer's commit."""
         s = self.schedule
-        state = self._layer(layer)
-        if state.step != self.step:
-            raise ValueError(f"layer {layer} has already committed chunk {self.step}: a chunk is "
-                             f"committed once per layer; the layers {self.pending_layers()} "
-                             "still have to commit it")
-        n = s.layout.chunk_blocks * s.layout.block_tokens
-        for name, x, heads in (("q", q, s.num_heads), ("k", k, s.num_kv_heads),
-                               ("v", v, s.num_kv_heads)):
-            if not isinstance(x, torch.Tensor):
-                raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-            want = (self.batch, heads, n, s.head_dim)
-            if tuple(x.shape) != want:
-                raise ValueError(f"commit: {name}.shape = {tuple(x.shape)}, expected {want} "
-                                 "(batch, heads, chunk tokens in tile-major layout, head_dim)")
-            if x.dtype != self.dtype:
-                raise ValueError(f"commit: {name}.dtype = {x.dtype} but the cache holds {self.dtype}")
-            if x.device != self.device:
-                raise ValueError(f"commit: {name} is on {x.device} but the cache is on {self.device}")
+        state = self._uncommitted(layer)
+        self._check_chunk_tensors(q, k, v)
         if self._max_blocks is not None:
             need = _kv_blocks(s, (state.step + 1) * s.chunk_frames)
             if need > self._max_blocks:

@@ -96,6 +96,55 @@ class Program(Protocol):
         and v. `validate=False` skips the checks that need a host synchronisation."""
 
 
+class CacheStepRules:
+    """The rules every cache of the protocol enforces, written once (the reference backend's
+    ReferenceCache and codegen's RolloutCache both inherit them): a layer is an integer in
+    [0, num_layers); each layer reads the tables of, and commits, the current chunk once;
+    a commit's q/k/v have the chunk's shape, the cache's dtype and device. Subclasses hold
+    `layers` (one state per layer, each with its own `.step`), `step`, `batch`, `dtype`,
+    `device` and `schedule`."""
+
+    def _layer(self, layer):
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(self.layers):
+            raise ValueError(f"layer = {layer!r}: expected an integer in [0, {len(self.layers)})")
+        return self.layers[layer]
+
+    def pending_layers(self) -> list[int]:
+        """Layers that have not committed the current step yet."""
+        return [i for i, state in enumerate(self.layers) if state.step == self.step]
+
+    def _uncommitted(self, layer, reading_tables: bool = False):
+        """The state of `layer`, which must not have committed the current chunk yet."""
+        state = self._layer(layer)
+        if state.step != self.step:
+            if reading_tables:
+                raise ValueError(f"layer {layer} has already committed chunk {self.step}; its "
+                                 f"tables now describe step {state.step}. Commit the other "
+                                 f"layers {self.pending_layers()} to finish step {self.step} first")
+            raise ValueError(f"layer {layer} has already committed chunk {self.step}: a chunk is "
+                             f"committed once per layer; the layers {self.pending_layers()} "
+                             "still have to commit it")
+        return state
+
+    def _check_chunk_tensors(self, q, k, v) -> None:
+        import torch
+
+        s = self.schedule
+        n = s.layout.chunk_blocks * s.layout.block_tokens
+        for name, x, heads in (("q", q, s.num_heads), ("k", k, s.num_kv_heads),
+                               ("v", v, s.num_kv_heads)):
+            if not isinstance(x, torch.Tensor):
+                raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            want = (self.batch, heads, n, s.head_dim)
+            if tuple(x.shape) != want:
+                raise ValueError(f"commit: {name}.shape = {tuple(x.shape)}, expected {want} "
+                                 "(batch, heads, chunk tokens in tile-major layout, head_dim)")
+            if x.dtype != self.dtype:
+                raise ValueError(f"commit: {name}.dtype = {x.dtype} but the cache holds {self.dtype}")
+            if x.device != self.device:
+                raise ValueError(f"commit: {name} is on {x.device} but the cache is on {self.device}")
+
+
 def missing_members(obj: object, protocol: type) -> list[str]:
     """The members of `protocol` that `obj` lacks (methods must be callable)."""
     missing = []
@@ -124,4 +173,4 @@ def _members(protocol: type) -> list[str]:
     return list(getattr(protocol, "__annotations__", {})) + _methods(protocol)
 
 
-__all__ = ["Program", "Cache", "missing_members", "check_program"]
+__all__ = ["Program", "Cache", "CacheStepRules", "missing_members", "check_program"]

@@ -81,6 +81,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from sparsedsl.protocol import CacheStepRules
+
 from .. import select as select_ops
 from ..attention.tables import BlockTables
 from .cache_plan import (StepPlan, _kv_blocks, expected_nbytes, peak_blocks, steady_frames,
@@ -129,7 +131,7 @@ def check_tables(program, tables: BlockTables) -> None:
 # ==================================================================================
 # the cache
 # ==================================================================================
-class RolloutCache:
+class RolloutCache(CacheStepRules):
     """Per-layer block pools and tables of one rollout; see the module docstring."""
 
     def __init__(self, program, batch: int = 1, num_layers: int = 1, device="cpu", dtype=None,
@@ -229,22 +231,9 @@ class RolloutCache:
                    for L in self.layers for n in names)
 
     # --- tables ------------------------------------------------------------------------------
-    def _layer(self, layer) -> _Layer:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
-            raise ValueError(f"layer = {layer!r}: expected an integer in [0, {self.num_layers})")
-        return self.layers[layer]
-
-    def pending_layers(self) -> list[int]:
-        """Layers that have not committed the current step yet."""
-        return [i for i, L in enumerate(self.layers) if L.step == self.step]
-
     def tables(self, layer: int) -> CacheTables:
         """The BlockTables of `layer` at the current step (live views, no copy)."""
-        L = self._layer(layer)
-        if L.step != self.step:
-            raise ValueError(f"layer {layer} has already committed chunk {self.step}; its tables "
-                             f"now describe step {L.step}. Commit the other layers "
-                             f"{self.pending_layers()} to finish step {self.step} first")
+        L = self._uncommitted(layer, reading_tables=True)
         return CacheTables(L.step, L.k_pool, L.v_pool, L.k_rep, L.slot_valid, L.slot_block,
                            L.sink_slots, L.persistent_slots, L.persistent_count, L.window_slots,
                            schedule_key=self.schedule.key, layer=layer)
@@ -255,25 +244,8 @@ class RolloutCache:
 
     # --- commit ------------------------------------------------------------------------------
     def _check_chunk(self, layer: int, q, k, v) -> None:
-        s = self.schedule
-        L = self._layer(layer)
-        if L.step != self.step:
-            raise ValueError(f"layer {layer} has already committed chunk {self.step}: a chunk is "
-                             f"committed once per layer; the layers {self.pending_layers()} "
-                             "still have to commit it")
-        n = self.nqb * s.layout.block_tokens
-        for name, x, heads in (("q", q, s.num_heads), ("k", k, s.num_kv_heads),
-                               ("v", v, s.num_kv_heads)):
-            if not isinstance(x, torch.Tensor):
-                raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-            want = (self.batch, heads, n, s.head_dim)
-            if tuple(x.shape) != want:
-                raise ValueError(f"commit: {name}.shape = {tuple(x.shape)}, expected {want} "
-                                 "(batch, heads, chunk tokens in tile-major layout, head_dim)")
-            if x.dtype != self.dtype:
-                raise ValueError(f"commit: {name}.dtype = {x.dtype} but the cache holds {self.dtype}")
-            if x.device != self.device:
-                raise ValueError(f"commit: {name} is on {x.device} but the cache is on {self.device}")
+        L = self._uncommitted(layer)
+        self._check_chunk_tensors(q, k, v)
         if not self.growable:
             need = self._blocks_needed(L.step)
             if need > L.nslots:
