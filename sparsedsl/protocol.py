@@ -100,9 +100,26 @@ class CacheStepRules:
     """The rules every cache of the protocol enforces, written once (the reference backend's
     ReferenceCache and codegen's RolloutCache both inherit them): a layer is an integer in
     [0, num_layers); each layer reads the tables of, and commits, the current chunk once;
-    a commit's q/k/v have the chunk's shape, the cache's dtype and device. Subclasses hold
-    `layers` (one state per layer, each with its own `.step`), `step`, `batch`, `dtype`,
-    `device` and `schedule`."""
+    a commit's q/k/v have the chunk's shape, the cache's dtype and device; the arguments of
+    `new_cache` are checked alike (`_set_geometry`). Subclasses also hold `layers` (one state
+    per layer, each with its own `.step`), `step` and `dtype`."""
+
+    def _set_geometry(self, program, batch, num_layers, device, max_frames) -> None:
+        """Check and keep the arguments every `new_cache` takes (dtype is the backend's own)."""
+        import torch
+
+        for name, value in (("batch", batch), ("num_layers", num_layers)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} = {value!r}: expected an integer >= 1")
+        if max_frames is not None and (isinstance(max_frames, bool) or
+                                       not isinstance(max_frames, int) or max_frames < 1):
+            raise ValueError(f"max_frames = {max_frames!r}: expected None or an integer >= 1 "
+                             "(latent frames the rollout will generate)")
+        self.program, self.schedule = program, program.schedule
+        self.batch, self.num_layers, self.max_frames = batch, num_layers, max_frames
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
 
     def _layer(self, layer):
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(self.layers):

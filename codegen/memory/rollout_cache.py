@@ -136,19 +136,8 @@ class RolloutCache(CacheStepRules):
 
     def __init__(self, program, batch: int = 1, num_layers: int = 1, device="cpu", dtype=None,
                  max_frames: Optional[int] = None):
-        for name, value, lo in (("batch", batch, 1), ("num_layers", num_layers, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-                raise ValueError(f"{name} = {value!r}: expected an integer >= {lo}")
-        if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int)
-                                       or max_frames < 1):
-            raise ValueError(f"max_frames = {max_frames!r}: expected None or an integer >= 1 "
-                             "(latent frames the rollout will generate)")
-        s = program.schedule
-        self.program, self.schedule = program, s
-        self.batch, self.num_layers, self.max_frames = batch, num_layers, max_frames
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self._set_geometry(program, batch, num_layers, device, max_frames)
+        s = self.schedule
         self.dtype = self._resolve_dtype(dtype)
         lay = s.layout
         self.nb, self.c, self.nqb = lay.blocks_per_frame, lay.chunk_frames, lay.chunk_blocks
