@@ -22,7 +22,7 @@ import torch
 
 from models.attention import SequenceAttention, TeacherForcingAttention, teacher_forcing_mask
 from models.config import load_config
-from models.dit import CausalDiT
+from models.dit import CausalDiT, compile_blocks
 from models.flow import velocity_loss
 
 
@@ -32,6 +32,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test on the tiny config")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the teacher and chunked teacher forcing with the blocks "
+                         "compiled (train --compile); the first call pays for compilation")
+    ap.add_argument("--no-profile", action="store_true", help="skip the profile")
     args = ap.parse_args()
     cfg = load_config("tiny" if args.tiny else args.config)
     cuda = torch.cuda.is_available() and not args.tiny
@@ -72,7 +76,17 @@ def main() -> None:
             print(f"| {name} | {1e3 * median_time(fn, args.steps, cuda):.1f} |", flush=True)
         except Exception as e:   # a diagnostic: report the variant's failure, time the rest
             print(f"| {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:120]} |", flush=True)
-    if cuda:
+    if args.compile:
+        compile_blocks()
+        for name in ("teacher (bidirectional, 1 SDPA per layer)",
+                     "teacher forcing, chunked SDPA (as trained)"):
+            t0 = time.perf_counter()
+            variants[name]()
+            first = time.perf_counter() - t0
+            print(f"| {name}, blocks compiled (first call {first:.0f} s) | "
+                  f"{1e3 * median_time(variants[name], args.steps, cuda):.1f} |", flush=True)
+        compile_blocks(False)
+    if cuda and not args.no_profile:
         fn = variants["teacher forcing, chunked SDPA (as trained)"]
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
                                                 torch.profiler.ProfilerActivity.CPU]) as prof:

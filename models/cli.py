@@ -40,6 +40,9 @@ def cmd_train(args) -> int:
     teacher = Path(args.teacher) if args.teacher else default_run_dir(cfg, "teacher")
     student = Path(args.student) if args.student else default_run_dir(cfg, "student")
     progress = not args.no_progress
+    if args.compile:
+        from .dit import compile_blocks
+        compile_blocks()
     if stage == "teacher":
         from .train.teacher import train_teacher
         out = train_teacher(cfg, run_dir, progress=progress, time_limit=args.time_limit,
@@ -98,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teacher/student: train on a folder of your own .npy/.npz/.mp4 videos "
                         "instead of the procedural world")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the blocks' element-wise work and matmuls (GPU; the "
+                        "first steps pay for compilation)")
     p.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                    help="stop at a checkpoint after MINUTES (exit code 3); the same command resumes")
     p.set_defaults(func=cmd_train)

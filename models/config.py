@@ -106,6 +106,7 @@ class StageConfig:
     log_every: int = 10
     sample_every: int = 250       # sample GIFs (0: only at the end)
     checkpoint_every: int = 100
+    snapshot_every: int = 0       # bf16 weights kept in snapshots/ every N steps (0: none)
     num_workers: int = 2
     seed: int = 0
     # student stage: teacher forcing, then ODE regression on pairs from the AR diffusion model
@@ -283,6 +284,14 @@ def _check(cfg: Config, source: str) -> None:
                 ("model.patch", m.patch), ("model.dim", m.dim), ("model.layers", m.layers),
                 ("model.heads", m.heads), ("model.ffn", m.ffn),
                 ("attention.cache_frames", a.cache_frames)]
+    for stage in ("teacher", "student", "self_forcing"):
+        sc = getattr(cfg, stage)
+        positive += [(f"{stage}.batch", sc.batch), (f"{stage}.log_every", sc.log_every),
+                     (f"{stage}.checkpoint_every", sc.checkpoint_every)]
+        for field in ("steps", "sample_every", "snapshot_every", "ar_steps", "ode_pairs",
+                      "fake_updates", "rollout_frames", "warmup"):
+            if getattr(sc, field) < 0:
+                raise ConfigError(source, f"{stage}.{field}", getattr(sc, field), "an integer >= 0")
     for name, value in positive:
         if value < 1:
             raise ConfigError(source, name, value, "an integer >= 1")

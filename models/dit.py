@@ -62,13 +62,7 @@ class SelfAttention(nn.Module):
         self.norm_k = RMSNorm(self.head_dim)
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x, cos, sin, attend, layer: int):
-        B, N, _ = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q = apply_rope(self.norm_q(q), cos, sin)
-        k = apply_rope(self.norm_k(k), cos, sin)
-        o = attend(layer, q, k, v.contiguous())
-        return self.out(o.transpose(1, 2).reshape(B, N, -1))
+    # its forward is split around the attention call: _attention_inputs / _attention_outputs
 
 
 class CrossAttention(nn.Module):
@@ -106,16 +100,66 @@ class Block(nn.Module):
     def forward(self, x, time_mod, tokens_per_frame: int, cos, sin, attend, layer, context):
         # time_mod [B, F, 6, dim]: applied per frame by viewing x as [B, F, tokens, dim]
         # (no per-token copy of the modulation)
-        B, N, D = x.shape
         mod = (time_mod + self.modulation[:, None])[:, :, :, None]     # [B, F, 6, 1, dim]
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(2)
-        per_frame = (B, N // tokens_per_frame, tokens_per_frame, D)
-        h = modulate(self.norm1(x).view(per_frame), shift1, scale1).view(B, N, D)
-        x = x + (gate1 * self.attn(h, cos, sin, attend, layer).view(per_frame)).view(B, N, D)
-        if self.cross is not None:
-            x = x + self.cross(self.norm_cross(x), context)
-        h = modulate(self.norm2(x).view(per_frame), shift2, scale2).view(B, N, D)
-        return x + (gate2 * self.ffn(h).view(per_frame)).view(B, N, D)
+        before, after = _BLOCK_HALVES.get()
+        q, k, v = before(self, x, mod, tokens_per_frame, cos, sin)
+        o = attend(layer, q, k, v)
+        return after(self, x, o, mod, tokens_per_frame, context)
+
+
+# The two halves of a block around its attention call: everything in them is element-wise
+# work and matmuls that torch.compile fuses (`compile_blocks`); the attention call between
+# them stays eager, because it is whatever the caller passes (SDPA, a cache, a pattern).
+def _attention_inputs(blk: Block, x, mod, tokens_per_frame: int, cos, sin):
+    """Norm, modulation, qkv projection, RMS-normed q/k and RoPE: (q, k, v) [B, H, N, D]."""
+    B, N, D = x.shape
+    shift1, scale1 = mod[:, :, 0], mod[:, :, 1]
+    per_frame = (B, N // tokens_per_frame, tokens_per_frame, D)
+    h = modulate(blk.norm1(x).view(per_frame), shift1, scale1).view(B, N, D)
+    a = blk.attn
+    q, k, v = a.qkv(h).view(B, N, 3, a.heads, a.head_dim).permute(2, 0, 3, 1, 4)
+    q = apply_rope(a.norm_q(q), cos, sin)
+    k = apply_rope(a.norm_k(k), cos, sin)
+    return q, k, v.contiguous()
+
+
+def _attention_outputs(blk: Block, x, o, mod, tokens_per_frame: int, context):
+    """Output projection and gated residual, cross-attention, modulated FFN and its residual."""
+    B, N, D = x.shape
+    gate1, shift2, scale2, gate2 = mod[:, :, 2], mod[:, :, 3], mod[:, :, 4], mod[:, :, 5]
+    per_frame = (B, N // tokens_per_frame, tokens_per_frame, D)
+    o = blk.attn.out(o.transpose(1, 2).reshape(B, N, -1))
+    x = x + (gate1 * o.view(per_frame)).view(B, N, D)
+    if blk.cross is not None:
+        x = x + blk.cross(blk.norm_cross(x), context)
+    h = modulate(blk.norm2(x).view(per_frame), shift2, scale2).view(B, N, D)
+    return x + (gate2 * blk.ffn(h).view(per_frame)).view(B, N, D)
+
+
+class _Halves:
+    """The block halves in use: eager by default, compiled after `compile_blocks()`."""
+
+    def __init__(self):
+        self.eager = (_attention_inputs, _attention_outputs)
+        self.compiled = None
+
+    def get(self):
+        return self.compiled or self.eager
+
+
+_BLOCK_HALVES = _Halves()
+
+
+def compile_blocks(enabled: bool = True) -> None:
+    """Run every block's halves through `torch.compile` (dynamic shapes: the teacher's clip,
+    the teacher-forcing sequence and a rollout's chunk share the compiled code). The
+    element-wise fp32 work of norms, RoPE and modulation is most of a small model's training
+    step on a GPU (docs/training.md); fused, it costs a fraction. Process-wide, off by default;
+    `sparse-forcing train --compile` turns it on."""
+    if not enabled:
+        _BLOCK_HALVES.compiled = None
+        return
+    _BLOCK_HALVES.compiled = tuple(torch.compile(f, dynamic=True) for f in _BLOCK_HALVES.eager)
 
 
 class CausalDiT(nn.Module):

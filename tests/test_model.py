@@ -221,3 +221,41 @@ def test_teacher_trains_on_a_folder_of_user_videos(tmp_path):
     assert (run_dir / "weights.safetensors").is_file()
     assert main(["train", "teacher", "--config", "tiny", "--run-dir", str(tmp_path / "r2"),
                  "--data", str(tmp_path / "missing"), "--no-progress"]) == 2
+
+
+@pytest.mark.gpu
+def test_compiled_blocks_match_eager_on_the_gpu():
+    """`compile_blocks` (train --compile) changes the speed, not the function: forward and
+    gradients of the small model under the teacher-forcing sequence and a cache rollout
+    chunk (two sequence lengths through one dynamic-shape compilation) match eager."""
+    from models.attention import TeacherForcingAttention
+    from models.dit import compile_blocks
+    cfg = load_config("small")
+    model = random_model(7, cfg).cuda().train()
+    F_, c, n = cfg.video.frames, cfg.video.chunk_frames, cfg.tokens_per_frame
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 2 * F_, 3, cfg.video.height, cfg.video.width, generator=g).cuda()
+    t = torch.rand(2, 2 * F_, generator=g).cuda()
+    positions = torch.cat([torch.arange(F_), torch.arange(F_)])
+    attend = TeacherForcingAttention(F_, c, n)
+    chunk = x[:, :c].contiguous()
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(x, t, attend, frame_positions=positions)
+        out.square().mean().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        with torch.no_grad():
+            small = model(chunk, t[:, :c], SequenceAttention(None, n))
+        return out.detach(), grads, small
+
+    eager = run()
+    try:
+        compile_blocks()
+        compiled = run()
+    finally:
+        compile_blocks(False)
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled[2], eager[2], rtol=1e-4, atol=1e-4)
+    for a, b in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)

@@ -199,13 +199,23 @@ def test_self_forcing_fake_loss_falls(stages, tmp_path):
                                          "self_forcing.fake_updates": 5,
                                          "self_forcing.log_every": 1,
                                          "self_forcing.checkpoint_every": 30,
+                                         "self_forcing.snapshot_every": 10,
                                          "self_forcing.seed": 0})
-    train_self_forcing(cfg, tmp_path / "sf", stages.teacher, stages.student, pattern="dense",
-                       progress=False)
+    out = train_self_forcing(cfg, tmp_path / "sf", stages.teacher, stages.student,
+                             pattern="dense", progress=False)
     h = history(tmp_path / "sf")
     assert_falls(h["fake_loss"], "self-forcing fake_loss")
     dmd = [v for _, v in h["dmd_loss"]]     # DMD's loss need not fall
     assert len(dmd) == 30 and all(math.isfinite(v) for v in dmd), dmd
+    # the curves also live in history.json, and every 10th step's weights in snapshots/
+    assert json.loads((tmp_path / "sf" / "history.json").read_text())["dmd_loss"] == \
+        [list(p) for p in h["dmd_loss"]]
+    snaps = sorted(p.name for p in (tmp_path / "sf" / "snapshots").iterdir())
+    assert snaps == ["step-00010.safetensors", "step-00020.safetensors", "step-00030.safetensors"]
+    last, final = load_file(str(tmp_path / "sf" / "snapshots" / snaps[-1])), load_file(str(out))
+    assert last.keys() == final.keys() and all(torch.equal(last[k], final[k]) for k in last)
+    first = load_file(str(tmp_path / "sf" / "snapshots" / snaps[0]))
+    assert any(not torch.equal(first[k], last[k]) for k in first)
 
 
 # --- 2. exact resume -----------------------------------------------------------------------
@@ -418,7 +428,10 @@ TINY_TOML = str(REPO / "models" / "configs" / "tiny.toml")
     (["--set", "teacher.steps=ten"], [TINY_TOML, "teacher.steps", "an integer"]),
     (["--set", "video.frames=10"], [TINY_TOML, "video.frames", "10", "chunk_frames = 3"]),
     (["--set", "teacher.steps"], ["--set", "KEY=VALUE"]),
-], ids=["unknown-section", "unknown-key", "wrong-type", "bare-word", "cross-field", "no-value"])
+    (["--set", "teacher.checkpoint_every=0"], [TINY_TOML, "teacher.checkpoint_every", "0", ">= 1"]),
+    (["--set", "student.snapshot_every=-2"], [TINY_TOML, "student.snapshot_every", "-2", ">= 0"]),
+], ids=["unknown-section", "unknown-key", "wrong-type", "bare-word", "cross-field", "no-value",
+        "zero-checkpoint-interval", "negative-snapshot-interval"])
 def test_bad_override(capsys, tmp_path, args, names):
     line = cli_error(capsys, "train", "teacher", "--config", "tiny", "--run-dir",
                      str(tmp_path / "run"), "--no-progress", *args)

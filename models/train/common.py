@@ -242,9 +242,25 @@ class StageRun:
             self.history.setdefault(k, []).append((step, float(v)))
 
     def plot(self) -> None:
+        """loss.png, and history.json beside it: the curves in a file small enough to keep
+        when the checkpoints (with their optimiser state) are not."""
         if self.main and self.history:
             media.plot_curves(self.run_dir / "loss.png", self.history,
                               title=f"{self.cfg.name} {self.stage}")
+            with ckpt.atomic_path(self.run_dir / "history.json") as tmp:
+                tmp.write_text(json.dumps(self.history))
+
+    def snapshot(self, model, done: int) -> Optional[Path]:
+        """Every `snapshot_every` steps, the weights reached (bf16, in snapshots/): a stage
+        whose late steps may be worse than its early ones (DMD) keeps every candidate, for
+        choosing by evaluation afterwards."""
+        every = self.scfg.snapshot_every
+        if not (self.main and every and done % every == 0):
+            return None
+        path = self.run_dir / "snapshots" / f"step-{done:05d}.safetensors"
+        path.parent.mkdir(exist_ok=True)
+        return ckpt.export_weights(path, model.state_dict(), self.cfg,
+                                   meta={"stage": self.stage, "step": done})
 
     def write_samples(self, step: int, videos: torch.Tensor, truth: Optional[torch.Tensor] = None,
                       tag: str = "") -> Optional[Path]:

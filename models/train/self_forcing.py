@@ -143,6 +143,7 @@ def train_self_forcing(cfg, run_dir, teacher, student, pattern: Optional[str] = 
             bar.set_postfix(dmd=f"{metrics['dmd_loss']:.4f}", fake=f"{metrics['fake_loss']:.4f}",
                             clips_per_s=f"{speed.rate():.2f}")
         bar.update(1)
+        run.snapshot(generator, done)
         if (s.sample_every and done % s.sample_every == 0) or done == s.steps:
             write_rollout_samples(run, generator, backend, done)
         run.checkpoint(done, s.steps, objects, extra={"pattern": str(pattern)},

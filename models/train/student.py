@@ -111,6 +111,7 @@ def _finish_step(run, bar, speed, model, opt, objects, step, loss, name, total):
         run.log(done, **{name: loss.item(), "grad_norm": grad_norm})
         bar.set_postfix(**{name: f"{loss.item():.4f}", "clips_per_s": f"{speed.rate():.1f}"})
     bar.update(1)
+    run.snapshot(model, done)
     if (s.sample_every and done % s.sample_every == 0) or done == total:
         write_student_samples(run, model, done)
     # the switch between the phases is always a checkpoint: the ODE pairs are drawn from
