@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from sparsedsl.schedule import Schedule
 
 from . import select as select_ops
 from .attention.kernel_spec import AttentionKernelSpec
-from .attention.tables import BlockTables
+from .attention.tables import BlockTables, resolve_validate
 
 KERNEL_DTYPES = {"float16", "bfloat16", "float32"}
 
@@ -207,7 +208,7 @@ class PBSAProgram:
         return F.pad(x, (0, self.kernel_head_dim - d, 0, self.kernel_block_tokens - bt)).contiguous()
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: BlockTables,
-                  return_visits: bool = False, validate: bool = True):
+                  return_visits: bool = False, validate: Optional[bool] = None):
         """One AR step. q [B, H, NQB*bt, d], k/v [B, Hkv, NQB*bt, d] in the tile-major layout.
 
         Returns (out [B, H, NQB*bt, d], lse [B, H, NQB*bt] float32) and, with
@@ -217,8 +218,10 @@ class PBSAProgram:
         sync); as in SDPA, a NaN / inf gives non-finite outputs in the rows that read it (the
         chunk's blocks, or a cached block in the rows that visit it). `validate=True` checks
         the tables' indices and counts (persistent_count in [0, capacity]; one host sync);
-        `validate=False` skips every check that needs a sync. Wrong argument types raise
-        ValueError naming what was expected.
+        `validate=False` skips every check that needs a sync; `validate=None` (the default)
+        checks unless the tables come unchanged from this program's own cache
+        (`cache.tables(layer)`, consistent by construction), so the path users take pays no
+        sync. Wrong argument types raise ValueError naming what was expected.
         """
         from .attention.autograd import pbsa_attention
         from .memory.rollout_cache import check_tables
@@ -226,6 +229,7 @@ class PBSAProgram:
         _check_types(q, k, v, tables)
         check_tables(self, tables)  # tables of another pattern's cache are refused
         _check_step_inputs(s, q, k, v, tables)
+        validate = resolve_validate(validate, tables)
         if validate:
             _check_table_counts(s, tables)
         step = tables.step

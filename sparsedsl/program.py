@@ -70,7 +70,7 @@ class ReferenceProgram:
                               dtype=dtype, max_frames=max_frames)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables,
-                  validate: bool = True, scale: Optional[float] = None):
+                  validate: Optional[bool] = None, scale: Optional[float] = None):
         """One AR step: (out [B, H, tokens, D] in q's dtype, lse [B, H, tokens] float32, or
         float64 for float64 q), on q's device, differentiable. `tables`: `cache.tables(layer)`,
         or a bare `reference.RolloutState`. The reference checks everything whatever

@@ -90,10 +90,12 @@ class Program(Protocol):
         `max_frames` frames need raises ValueError)."""
 
     def attention(self, q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor", tables: Any,
-                  *, validate: bool = True) -> tuple["torch.Tensor", "torch.Tensor"]:
+                  *, validate: Optional[bool] = None) -> tuple["torch.Tensor", "torch.Tensor"]:
         """One AR step of the chunk (q, k, v) against `tables = cache.tables(layer)`:
         (out, lse), see the module docstring for shapes and dtypes. Differentiable in q, k
-        and v. `validate=False` skips the checks that need a host synchronisation."""
+        and v. `validate=False` skips the checks that need a host synchronisation, `True`
+        runs them; None (the default) runs them unless the tables come unchanged from the
+        program's own cache."""
 
 
 class CacheStepRules:

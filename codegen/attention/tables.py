@@ -8,7 +8,8 @@ float64 reference state (slots shuffled, so that tests exercise the indirection)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -25,10 +26,38 @@ class BlockTables:
     persistent_slots: torch.Tensor  # int32 [B, Hkv, CMAX]
     persistent_count: torch.Tensor  # int32 [B, Hkv]
     window_slots: torch.Tensor      # int32 [B, Hkv, NWMAX]: slot of window position p
+    # Set by code that built the tables consistent by construction (the rollout cache): the
+    # version counters of the index tensors at that moment. Checking the counts needs a host
+    # sync; tables still at those versions need no check (`validate=None`, the default).
+    trusted_versions: Optional[tuple] = field(default=None, repr=False, compare=False)
+
+    INDEX_FIELDS = ("slot_valid", "slot_block", "sink_slots", "persistent_slots",
+                    "persistent_count", "window_slots")
 
     @property
     def batch(self) -> int:
         return self.k_pool.shape[0]
+
+    def _index_versions(self) -> tuple:
+        return tuple(getattr(self, name)._version for name in self.INDEX_FIELDS)
+
+    def mark_trusted(self) -> "BlockTables":
+        """Record that these tables are consistent now (their producer guarantees it)."""
+        self.trusted_versions = self._index_versions()
+        return self
+
+    def is_trusted(self) -> bool:
+        """Marked trusted, and no index tensor changed in place since (a user's edit, or the
+        cache moving on to the next step, bumps a version counter): no host sync."""
+        return self.trusted_versions is not None and self.trusted_versions == self._index_versions()
+
+
+def resolve_validate(validate: Optional[bool], tables: BlockTables) -> bool:
+    """`validate=None` (the default of `program.attention`): check the tables' counts unless
+    they come untouched from the program's own cache. True / False force it either way."""
+    if validate is None:
+        return not (isinstance(tables, BlockTables) and tables.is_trusted())
+    return bool(validate)
 
 
 def pad_blocks(x: torch.Tensor, block_tokens: int, head_dim: int) -> torch.Tensor:

@@ -221,11 +221,13 @@ class RolloutCache(CacheStepRules):
 
     # --- tables ------------------------------------------------------------------------------
     def tables(self, layer: int) -> CacheTables:
-        """The BlockTables of `layer` at the current step (live views, no copy)."""
+        """The BlockTables of `layer` at the current step (live views, no copy), marked
+        trusted: `program.attention` skips the count checks (a host sync) while they stay
+        unchanged."""
         L = self._uncommitted(layer, reading_tables=True)
         return CacheTables(L.step, L.k_pool, L.v_pool, L.k_rep, L.slot_valid, L.slot_block,
                            L.sink_slots, L.persistent_slots, L.persistent_count, L.window_slots,
-                           schedule_key=self.schedule.key, layer=layer)
+                           schedule_key=self.schedule.key, layer=layer).mark_trusted()
 
     def attention(self, layer: int, q, k, v, **kwargs):
         """`program.attention(q, k, v, self.tables(layer))`."""
