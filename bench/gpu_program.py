@@ -163,8 +163,9 @@ def program_overhead() -> None:
     say("## One program step at Self-Forcing geometry (sparse-forcing, bf16, H=12, D=128, steady state)")
     say("")
     say("| tile (block tokens) | visits/query block | kernel only ms | visit tables + select ms | "
-        "program.attention ms (validate=False) | program.attention ms (validate=True) | kernel TFLOP/s |")
-    say("|---|---|---|---|---|---|---|")
+        "program.attention ms (validate=False) | program.attention ms (validate=True) | "
+        "program.attention ms (default: cache tables trusted) | to_block_mask build ms | kernel TFLOP/s |")
+    say("|---|---|---|---|---|---|---|---|---|")
     for tile in ((8, 8), (8, 16)):
         st = steady_step(tile)
         program, tables, lay, spec, vs, vc = st.program, st.tables, st.layout, st.spec, st.vs, st.vc
@@ -175,9 +176,12 @@ def program_overhead() -> None:
         t_tables = bench(lambda: program.visit_tables(qb, tables, tables.step, validate=False))
         t_fast = bench(lambda: program.attention(q, k, v, tables, validate=False))
         t_checked = bench(lambda: program.attention(q, k, v, tables, validate=True))
+        t_default = bench(lambda: program.attention(q, k, v, tables))
+        t_mask = bench(lambda: program.to_block_mask(q, tables))
         visits = vc.float().mean().item() + (lay.chunk_blocks)
         say(f"| {tile[0]}x{tile[1]} ({lay.block_tokens}) | {visits:.0f} | {t_kernel:.3f} | {t_tables:.3f} | "
-            f"{t_fast:.3f} | {t_checked:.3f} | {st.flops / t_kernel / 1e9:.0f} |")
+            f"{t_fast:.3f} | {t_checked:.3f} | {t_default:.3f} | {t_mask:.2f} | "
+            f"{st.flops / t_kernel / 1e9:.0f} |")
     say("")
 
 

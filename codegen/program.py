@@ -274,7 +274,11 @@ class PBSAProgram:
         key slots are never attended, but unlike for `attention` they must hold finite values
         (zeros, as `VideoLayout.to_tile_major` writes): Flex multiplies their zero weights by V.
         Visited pairs of two whole tiles are Flex's full blocks, the others its partial blocks
-        (codegen/flex_export.py)."""
+        (codegen/flex_export.py). The mask's blocks are the kernel's (64 tokens for 8x8 tiles),
+        and compiled Flex on CUDA needs its own tiles to divide them: pass
+        `kernel_options={"BLOCK_M": mask.BLOCK_SIZE[0], "BLOCK_N": mask.BLOCK_SIZE[1]}` (its
+        default of 128 rows fails to lower on 64-token blocks; tested on an H200). Built in
+        about 5 ms at Self-Forcing's geometry on an H200 (docs/benchmarks.md)."""
         from .flex_export import block_mask
         return block_mask(self, q, tables)
 

@@ -200,3 +200,34 @@ def test_compiled_flex_matches_program():
         torch.testing.assert_close(got[:, :, real], out[:, :, real], rtol=2e-5, atol=2e-5)
         assert bool((got[:, :, ~real] == 0).all())
         cache.commit(0, q, k, v)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("tile_grid", [(16, 16), (12, 20)], ids=["whole-tiles", "padded-tiles"])
+def test_compiled_flex_on_cuda_matches_the_generated_kernels(tile_grid):
+    """On a GPU: the exported BlockMask under compiled Flex (block lists, full blocks and the
+    mask_mod) equals `program.attention` on the generated Triton kernels, along a rollout,
+    with 64-token blocks, whole and padded (12x20 tokens in 8x8 tiles)."""
+    layout = sd.VideoLayout(*tile_grid, (8, 8), 2)
+    pattern = sd.presets.get("sparse-forcing", layout=layout, capacity=3, window_frames=2)
+    schedule = sd.lower(pattern, num_heads=2, head_dim=64, dtype="bfloat16")
+    program = PBSAProgram(schedule, backend="triton")
+    cache = program.new_cache(batch=1, num_layers=1, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(flex_attention, dynamic=False)
+    real = layout.valid_token_mask(layout.chunk_frames).cuda()
+    ks, vs = [], []
+    for q, k, v in _chunks(schedule, 1, 5, 5, torch.bfloat16):
+        q, k, v = q.cuda(), k.cuda(), v.cuda()
+        tables = cache.tables(0)
+        out, _ = program.attention(q, k, v, tables)
+        mask = program.to_block_mask(q, tables)
+        ks.append(k)
+        vs.append(v)
+        # Flex's CUDA kernel tiles must divide the mask's blocks (its default is 128 rows)
+        bq, bk = mask.BLOCK_SIZE
+        got = compiled(q, torch.cat(ks, dim=2), torch.cat(vs, dim=2), block_mask=mask,
+                       kernel_options={"BLOCK_M": bq, "BLOCK_N": bk})
+        torch.testing.assert_close(got[:, :, real].float(), out[:, :, real].float(),
+                                   rtol=2e-2, atol=2e-2)
+        cache.commit(0, q, k, v)
