@@ -299,11 +299,10 @@ def time_sdpa(timer: Timer, q_raster, history: History, frames: int, memo: dict)
     return memo[frames]
 
 
-def program_path(program: PBSAProgram, step: int) -> str:
-    """Which path program.attention takes at `step`: steps that visit every earlier block may
-    run as dense SDPA (PBSAProgram.path_at, where the program has it), the others the kernels."""
-    path_at = getattr(program, "path_at", None)
-    return path_at(step) if path_at is not None else "sparse"
+def program_path(program: PBSAProgram, step: int, device) -> str:
+    """Which path program.attention takes at `step` on `device`: steps that visit every
+    earlier block run as dense SDPA (PBSAProgram.path_at), the others the kernels."""
+    return program.path_at(step, device)
 
 
 def time_step(step: int, program: PBSAProgram, tables, q, k, v, q_raster, history: History,
@@ -331,7 +330,7 @@ def time_step(step: int, program: PBSAProgram, tables, q, k, v, q_raster, histor
         keys, values = history.flex_keys()
         prebuilt, rebuilt, options = time_flex(timer, flex, program, q, tables, keys, values)
         del keys, values
-    return StepRow(step, program_path(program, step), frames, visited_frames, blocks, tokens,
+    return StepRow(step, program_path(program, step, q.device), frames, visited_frames, blocks, tokens,
                    t_program, t_kernel, t_tables, sdpa_rolling, sdpa_all, sdpa_visited,
                    prebuilt, rebuilt, options)
 

@@ -32,6 +32,12 @@ def _pow2_at_least(x: int, floor: int) -> int:
     return max(floor, 1 << max(0, (x - 1).bit_length()))
 
 
+# The dense path runs on CUDA through SDPA's flash / memory-efficient ops. Every new GPU path
+# is checked on a GPU against the float64 reference before it is on by default: set this to
+# True once `pytest -m gpu tests/test_dense_step.py` has passed on one (CPU: checked, on).
+DENSE_PATH_CHECKED_ON_CUDA = False
+
+
 class PBSAProgram:
     """Runs a schedule with the generated Triton kernels (`backend="triton"`) or the PyTorch
     backend over the same tables (`backend="torch"`, CPU and fallback). Follows the program
@@ -50,6 +56,27 @@ class PBSAProgram:
         self.cur_valid_host = torch.tensor(list(lay.frame_valid_tokens) * lay.chunk_frames,
                                            dtype=torch.int32)
         self._device_constants: dict = {}
+        # steps where every query block visits every earlier block run as dense SDPA
+        # (Schedule.dense_at; codegen/attention/dense_step.py). None: wherever that path has
+        # been checked against the float64 reference (see DENSE_PATH_CHECKED_ON_CUDA);
+        # True / False: always / never.
+        self.dense_path: Optional[bool] = None
+
+    def path_at(self, step: int, device="cpu") -> str:
+        """'dense' when `attention` at this step, on `device`, runs the dense path, else
+        'sparse'."""
+        on = self.dense_path
+        if on is None:
+            on = torch.device(device).type != "cuda" or DENSE_PATH_CHECKED_ON_CUDA
+        return "dense" if on and self.schedule.dense_at(step) else "sparse"
+
+    def chunk_real_index(self, device) -> torch.Tensor:
+        """Positions of the chunk's real tokens in the tile-major layout, long, on `device`."""
+        key = ("chunk_real_index", str(device))
+        if key not in self._device_constants:
+            lay = self.schedule.layout
+            self._device_constants[key] = lay.valid_token_mask(lay.chunk_frames).nonzero()[:, 0].to(device)
+        return self._device_constants[key]
 
     # --- compile-time views -------------------------------------------------------------
     def max_cached_visits(self, step: int) -> int:
@@ -222,6 +249,13 @@ class PBSAProgram:
         checks unless the tables come unchanged from this program's own cache
         (`cache.tables(layer)`, consistent by construction), so the path users take pays no
         sync. Wrong argument types raise ValueError naming what was expected.
+
+        At a step where every query block visits every earlier block (`path_at(step) ==
+        "dense"`: step 0, and the first steps of patterns whose window is visited whole) the
+        step runs as one fused SDPA over the real tokens of all frames so far: the same
+        attention, without the tables, the selection or the block kernel
+        (codegen/attention/dense_step.py; `return_visits=True` or `self.dense_path = False`
+        keep the sparse kernels; on CUDA it waits for its GPU check, DENSE_PATH_CHECKED_ON_CUDA).
         """
         from .attention.autograd import pbsa_attention
         from .memory.rollout_cache import check_tables
@@ -233,6 +267,9 @@ class PBSAProgram:
         if validate:
             _check_table_counts(s, tables)
         step = tables.step
+        if not return_visits and self.path_at(step, q.device) == "dense":
+            from .attention.dense_step import dense_step_attention
+            return dense_step_attention(self, q, k, v, tables)
         backend = self.backend
         if backend == "auto":
             backend = "triton" if q.is_cuda else "torch"

@@ -29,6 +29,27 @@ def density_at(schedule: Schedule, step: int) -> tuple[int, int, float]:
     return visits, history, visits / history
 
 
+def _ranges(steps: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    parts, start = [], None
+    for i, t in enumerate(steps):
+        if start is None:
+            start = t
+        if i + 1 == len(steps) or steps[i + 1] != t + 1:
+            parts.append(f"{start}" if start == t else f"{start}-{t}")
+            start = None
+    return ", ".join(parts)
+
+
+def _dense_path_line(schedule: Schedule, horizons: dict[str, int]) -> str:
+    """Which steps every query block visits every earlier block: a backend runs them as one
+    dense SDPA (the same attention, without the sparse machinery)."""
+    steps = schedule.shapes.steps(max(horizons.values())) if horizons else 1
+    dense = schedule.dense_steps(steps)
+    return (f"dense path (every earlier block visited: one fused SDPA, same result): steps "
+            f"{_ranges(dense)} of {steps}")
+
+
 def explain(schedule: Schedule, horizons: dict[str, int] | None = None, graph: bool = True) -> str:
     horizons = HORIZONS if horizons is None else horizons
     for name, frames in horizons.items():
@@ -42,7 +63,7 @@ def explain(schedule: Schedule, horizons: dict[str, int] | None = None, graph: b
              f"layout: {lay.tokens_per_frame} tokens/frame -> {s.blocks_per_frame} blocks of "
              f"{s.block_tokens} slots ({s.padding_per_frame} padding slots/frame)",
              "visits per query block (max over blocks and heads), sympy in step t:",
-             f"  {s.max_visits}", ""]
+             f"  {s.max_visits}", _dense_path_line(schedule, horizons), ""]
     header = f"{'horizon':>8} {'frames':>6} {'visits':>7} {'density':>8} {'FLOPs':>10} " \
              f"{'vs dense':>8} {'KV/layer':>10} {'dense KV':>10} {'KV ratio':>8}"
     lines.append(header)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Optional, Sequence
 
 
@@ -179,6 +179,20 @@ class Schedule:
         return tuple(self.current_blocks(step, query_block) + self.sink_blocks(step)
                      + sorted(persistent) + static_window + list(topk))
 
+    def dense_at(self, step: int) -> bool:
+        """True when at `step` every query block visits every block of every earlier frame:
+        the persistent set holds every block that has left the window (it takes all of them
+        while they fit its capacity; none have left early in a rollout) and sink + window +
+        Top-K cover the window whole. The step is then dense
+        attention over all frames so far (with the current rule inside the chunk), and a
+        backend may run it with a dense kernel: same visits, same result. Exact, from the
+        schedule alone (the visit counts are disjoint parts of the earlier blocks); memoised."""
+        return _dense_at(self, step)
+
+    def dense_steps(self, horizon_steps: int) -> list[int]:
+        """The steps in [0, horizon_steps) that `dense_at` marks."""
+        return [t for t in range(horizon_steps) if self.dense_at(t)]
+
     def describe(self) -> str:
         w = self.window
         lines = [f"schedule {self.key} for '{self.pattern_name}'",
@@ -192,6 +206,24 @@ class Schedule:
                     if self.update else ""),
                  f"  max visits per query block (steady state): {self.max_visits}"]
         return "\n".join(lines)
+
+
+@lru_cache(maxsize=4096)
+def _dense_at(schedule: Schedule, step: int) -> bool:
+    c, nb = schedule.chunk_frames, schedule.blocks_per_frame
+    sink_frames = min(schedule.sink_frames, step * c)
+    start, _ = schedule.window_frames_range(step)
+    evicted = (start - sink_frames) * nb           # blocks that have left the window so far
+    if schedule.capacity < evicted:                # the persistent set cannot hold them all
+        return False
+    earlier = step * c * nb
+    split = schedule.window.split
+    for qb in range(schedule.layout.chunk_blocks):
+        static = 0 if (split.mode == "intersection" and schedule.window.has_topk) \
+            else len(schedule.static_window_blocks(step, qb))
+        if sink_frames * nb + evicted + static + schedule.topk_count(step, qb) != earlier:
+            return False
+    return True
 
 
 def dtype_bytes(dtype: str) -> int:

@@ -1,0 +1,118 @@
+"""The dense path of a program step.
+
+At a step where every query block visits every earlier block (`Schedule.dense_at`: the
+persistent set holds every block that has left the window, and the window is visited whole:
+step 0 of every pattern, the first steps of a sink + window pattern, every step of
+`dense-causal`), the step's attention *is*
+dense attention over the real tokens of all frames so far, with the current rule inside the
+chunk. SDPA's fused kernels (flash on CUDA, the fused CPU kernel) then compute it without
+the sparse machinery: no visit tables, no Top-K, no block kernel on padded tiles. Same visits,
+same result (tests/test_dense_step.py checks it against the sparse path and the float64
+reference, outputs, log-sum-exp and gradients).
+
+Keys come from the cache's pool in block order (the sink's, the persistent set's and the
+window's slots: at such a step, all the earlier blocks) followed by the chunk's own; the padding of
+partial tiles and the kernel's block padding are dropped by a static token index, so no mask
+is needed and SDPA stays on its fastest path. Attention does not depend on key order.
+"""
+from __future__ import annotations
+
+import torch
+
+from .tables import BlockTables
+
+
+def _real_offsets(program, device) -> tuple[torch.Tensor, int]:
+    """(real token offsets inside one frame of pool blocks [R] long, R): block j of a frame
+    keeps its first `frame_valid_tokens[j]` of the kernel's `kernel_block_tokens` slots."""
+    key = ("dense_frame_offsets", str(device))
+    consts = program._device_constants
+    if key not in consts:
+        BT = program.kernel_block_tokens
+        offsets = [j * BT + i for j, n in enumerate(program.schedule.layout.frame_valid_tokens)
+                   for i in range(n)]
+        consts[key] = torch.tensor(offsets, dtype=torch.long, device=device)
+    offsets = consts[key]
+    return offsets, offsets.numel()
+
+
+def earlier_slots(program, tables: BlockTables, step: int) -> torch.Tensor:
+    """Pool slots of every earlier block in block order, [B, Hkv, step * chunk_blocks] long:
+    the sink's, the persistent set's (at a dense step it holds every evicted block) and the
+    window's; only the persistent set's come in no particular order, so they are sorted by
+    the block each slot holds (on the device: no sync)."""
+    s = program.schedule
+    nb = s.blocks_per_frame
+    sink_frames = min(s.sink_frames, step * s.chunk_frames)
+    start, end = s.window_frames_range(step)
+    held = (start - sink_frames) * nb
+    slots = torch.cat([tables.sink_slots[:, :, :sink_frames * nb],
+                       tables.persistent_slots[:, :, :held],
+                       tables.window_slots[:, :, :(end - start) * nb]], dim=2).long()
+    if held:
+        order = tables.slot_block.long().gather(2, slots).argsort(dim=2)
+        slots = slots.gather(2, order)
+    return slots
+
+
+def earlier_keys(program, pool: torch.Tensor, slots: torch.Tensor, frames: int) -> torch.Tensor:
+    """The real tokens of the first `frames` frames from `pool` [B, Hkv, NSLOTS, BT, D]
+    through their `slots` in block order: [B, Hkv, frames * tokens_per_frame, d] (the
+    kernel's padding removed)."""
+    s = program.schedule
+    nb = s.blocks_per_frame
+    B, Hkv, _, BT, _ = pool.shape
+    b = torch.arange(B, device=pool.device)[:, None, None]
+    h = torch.arange(Hkv, device=pool.device)[None, :, None]
+    blocks = pool[b, h, slots]                                  # [B, Hkv, frames * nb, BT, D]
+    offsets, R = _real_offsets(program, pool.device)
+    frame_base = torch.arange(frames, device=pool.device)[:, None] * (nb * BT)
+    index = (frame_base + offsets[None, :]).reshape(-1)
+    tokens = blocks.reshape(B, Hkv, frames * nb * BT, pool.shape[-1]).index_select(2, index)
+    return tokens[..., :s.head_dim]
+
+
+def attention_with_lse(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax(q k^T * scale) v, log-sum-exp [B, H, Lq] float32) with one fused SDPA call
+    (differentiable in q, k, v). k/v may have fewer heads (grouped-query: head h reads KV
+    head h // group)."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    if q.is_cuda:
+        if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+                q, k, v, 0.0, False, False, scale=scale)[:2]
+        else:   # float32 (or an odd head dim): the memory-efficient kernel returns the LSE too
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+                q, k, v, None, True, 0.0, False, scale=scale)[:2]
+            lse = lse[..., :q.shape[2]]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, scale=scale)[:2]
+    return out, lse.float()
+
+
+def dense_step_attention(program, q, k, v, tables: BlockTables):
+    """`program.attention` at a `dense_at` step: (out [B, H, NQB*bt, d] in q's dtype with
+    zero padded rows, lse [B, H, NQB*bt] float32 with -inf on padded rows)."""
+    s, lay = program.schedule, program.schedule.layout
+    c, step = lay.chunk_frames, tables.step
+    real = program.chunk_real_index(q.device)                   # [c * tokens_per_frame]
+    qr, kr, vr = (x.index_select(2, real) for x in (q, k, v))
+    slots = earlier_slots(program, tables, step)
+    past_k = earlier_keys(program, tables.k_pool, slots, step * c).to(k.dtype)
+    past_v = earlier_keys(program, tables.v_pool, slots, step * c).to(v.dtype)
+    if s.current == "dense":
+        out, lse = attention_with_lse(qr, torch.cat([past_k, kr], 2), torch.cat([past_v, vr], 2),
+                                      program.scale)
+    else:   # causal by frame: frame f of the chunk sees the chunk's frames <= f
+        n = lay.tokens_per_frame
+        parts = [attention_with_lse(qr[:, :, f * n:(f + 1) * n],
+                                    torch.cat([past_k, kr[:, :, :(f + 1) * n]], 2),
+                                    torch.cat([past_v, vr[:, :, :(f + 1) * n]], 2), program.scale)
+                 for f in range(c)]
+        out, lse = torch.cat([o for o, _ in parts], 2), torch.cat([m for _, m in parts], 2)
+    full = q.new_zeros(q.shape).index_copy(2, real, out.to(q.dtype))
+    full_lse = torch.full(q.shape[:-1], float("-inf"), device=q.device).index_copy(2, real, lse)
+    return full, full_lse

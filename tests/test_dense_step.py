@@ -1,0 +1,182 @@
+"""The dense path: `Schedule.dense_at` marks exactly the steps where every query block visits
+every earlier block (checked against the float64 reference's block mask), and at those steps
+`program.attention` (one fused SDPA) equals the sparse kernels and the float64 reference,
+outputs, log-sum-exp and gradients."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+import codegen  # noqa: F401  (registers the backends)
+import sparsedsl as sd
+from codegen.program import PBSAProgram
+from sparsedsl import reference
+from sparsedsl.explain import explain
+from sparsedsl.testing import chunk_tensors, rollouts
+
+LAYOUT = sd.VideoLayout(5, 6, (2, 4), 2)      # partial tiles on both axes (8, 4, 4, 2 tokens)
+PRESETS = {
+    "sink-window": dict(frames=4),
+    "dense-causal": {},
+    "moba": dict(k=3),
+    "sparse-forcing": dict(capacity=2, window_frames=4),
+}
+
+
+def _schedule(name, dtype="float32", heads=4, kv_heads=2):
+    pattern = sd.presets.get(name, layout=LAYOUT, **PRESETS[name])
+    return sd.lower(pattern, num_heads=heads, num_kv_heads=kv_heads, head_dim=8, dtype=dtype)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rollouts(steps=5))
+def test_dense_at_is_exactly_every_earlier_block_visited(case):
+    schedule = case.schedule
+    state = reference.new_state(schedule, case.batch)
+    for step, (q, k, v) in enumerate(case.chunks):
+        mask = reference.allowed_blocks(schedule, state, q)       # [B, H, NQB, keys]
+        earlier = step * schedule.layout.chunk_blocks
+        assert schedule.dense_at(step) == bool(mask[..., :earlier].all()), step
+        state = reference.commit(schedule, state, q, k, v)
+    assert schedule.dense_at(0)                                  # nothing earlier: always
+
+
+def _rollout(program, chunks, dense_path: bool):
+    """Outputs, LSEs and input gradients of every step (inputs as leaves)."""
+    program.dense_path = dense_path
+    first = chunks[0][0]
+    cache = program.new_cache(batch=first.shape[0], num_layers=1, dtype=first.dtype,
+                              device=first.device)
+    results = []
+    for q, k, v in chunks:
+        q, k, v = (x.clone().requires_grad_(True) for x in (q, k, v))
+        out, lse = program.attention(q, k, v, cache.tables(0))
+        (out.double() * torch.linspace(-1, 1, out.shape[-1], dtype=torch.float64)).sum().backward()
+        results.append((program.path_at(cache.step, q.device), out.detach(), lse, q.grad, k.grad, v.grad))
+        cache.commit(0, q.detach(), k.detach(), v.detach())
+    return results
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_dense_path_equals_the_sparse_kernels_and_the_reference(name):
+    schedule = _schedule(name)
+    program = PBSAProgram(schedule, backend="torch")
+    steps = 5
+    chunks = [tuple(x.float() for x in c) for c in chunk_tensors(schedule, 2, seed=3, steps=steps)]
+    dense = _rollout(program, chunks, dense_path=True)
+    sparse = _rollout(program, chunks, dense_path=False)
+    paths = [r[0] for r in dense]
+    assert paths == ["dense" if schedule.dense_at(t) else "sparse" for t in range(steps)]
+    assert paths[0] == "dense" and all(r[0] == "sparse" for r in sparse)
+    valid = LAYOUT.valid_token_mask(LAYOUT.chunk_frames)
+    state = reference.new_state(schedule, 2)
+    for t, (d, s) in enumerate(zip(dense, sparse)):
+        q, k, v = (x.double() for x in chunks[t])
+        want, want_lse, _ = reference.attention(schedule, state, q, k, v)
+        state = reference.commit(schedule, state, q, k, v)
+        torch.testing.assert_close(d[1].double(), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(d[2][:, :, valid].double(), want_lse[:, :, valid], rtol=1e-5, atol=1e-5)
+        assert bool((d[1][:, :, ~valid] == 0).all()) and bool((d[2][:, :, ~valid] == -torch.inf).all())
+        assert d[2].dtype == s[2].dtype == torch.float32
+        for got, ref in zip(d[3:], s[3:]):       # dq, dk, dv: the two paths agree
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_the_dense_steps_of_the_presets_at_self_forcing_geometry():
+    """Step 0 is dense for every pattern; a sink + window pattern stays dense until a frame
+    leaves its window; dense-causal at every step; Top-K patterns only at step 0 here."""
+    lay = sd.VideoLayout(30, 52, (8, 8), 3)
+    steps = {}
+    for name in ("sparse-forcing", "sink-window", "moba", "sliding-tile", "dense-causal"):
+        schedule = sd.lower(sd.presets.get(name, layout=lay), num_heads=12, head_dim=128,
+                            dtype="bfloat16")
+        steps[name] = schedule.dense_steps(80)
+    assert steps["sparse-forcing"] == steps["moba"] == steps["sliding-tile"] == [0]
+    assert steps["dense-causal"] == list(range(80))
+    sink_window = sd.presets.get("sink-window", layout=lay)
+    last = steps["sink-window"][-1]
+    assert steps["sink-window"] == list(range(last + 1))
+    s = sd.lower(sink_window, num_heads=12, head_dim=128, dtype="bfloat16")
+    assert s.evicted_frames(last) != (0, 0) and s.window_frames_range(last)[0] == s.sink_frames
+
+
+def test_explain_names_the_dense_steps():
+    text = explain(_schedule("sink-window"))
+    assert "dense path" in text and "0-" in text.split("dense path")[1].splitlines()[0]
+
+
+@settings(max_examples=30, deadline=None)
+@given(rollouts(steps=5))
+def test_program_with_dense_path_equals_reference_on_random_patterns(case):
+    """Random patterns (persistent sets that hold every evicted block included): at every
+    dense step the program's attention is the float64 reference's. (Sparse steps are checked
+    elsewhere: with the rollouts' quantised inputs a Top-K tie may pick another block.)"""
+    schedule = case.schedule
+    program = PBSAProgram(schedule, backend="torch")
+    cache = program.new_cache(batch=case.batch, num_layers=1, dtype=torch.float32)
+    state = reference.new_state(schedule, case.batch)
+    valid = schedule.layout.valid_token_mask(schedule.layout.chunk_frames)
+    for step, chunk in enumerate(case.chunks):
+        q, k, v = (x.float() for x in chunk)
+        out, lse = program.attention(q, k, v, cache.tables(0))
+        assert program.path_at(step) == ("dense" if schedule.dense_at(step) else "sparse")
+        if schedule.dense_at(step):
+            want, want_lse, _ = reference.attention(schedule, state, *(x.double() for x in (q, k, v)))
+            torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(lse[:, :, valid].double(), want_lse[:, :, valid],
+                                       rtol=1e-4, atol=1e-4)
+        cache.commit(0, q, k, v)
+        state = reference.commit(schedule, state, *(x.double() for x in (q, k, v)))
+
+
+def test_dense_steps_whose_persistent_set_holds_every_evicted_block():
+    """A one-frame window whose persistent set is large enough to keep every block that
+    leaves it: every step is dense, and the keys gathered from the persistent set (in the
+    update's order, sorted back by block on the device) give the reference's attention."""
+    layout = sd.VideoLayout(3, 4, (2, 2), 1)
+    pattern = sd.Pattern(layout, persistent=sd.Persistent(16, shared_heads=False),
+                         window=sd.LocalWindow(1, sd.All()), current=sd.Dense(),
+                         update=sd.Update(sd.stat.importance))
+    schedule = sd.lower(pattern, num_heads=2, num_kv_heads=2, head_dim=8, dtype="float32")
+    # 4 blocks a frame, capacity 16: after step 5, 5 evicted frames no longer fit
+    assert schedule.dense_steps(8) == list(range(6))
+    program = PBSAProgram(schedule, backend="torch")
+    cache = program.new_cache(batch=1, num_layers=1, dtype=torch.float32)
+    state = reference.new_state(schedule, 1)
+    for step, chunk in enumerate(chunk_tensors(schedule, 1, seed=5, steps=7)):
+        q, k, v = (x.float() for x in chunk)
+        assert program.path_at(step) == ("dense" if step < 6 else "sparse")
+        out, lse = program.attention(q, k, v, cache.tables(0))
+        want, _, _ = reference.attention(schedule, state, *chunk)
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+        cache.commit(0, q, k, v)
+        state = reference.commit(schedule, state, *chunk)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_dense_path_on_cuda_equals_the_reference_and_the_kernels(name, dtype):
+    """The GPU check that DENSE_PATH_CHECKED_ON_CUDA waits for: the dense path forced on
+    (flash SDPA in bf16, memory-efficient SDPA in fp32) against the float64 reference and the
+    generated Triton kernels, outputs, LSE and gradients, along a rollout."""
+    from codegen.check import TOL
+    schedule = _schedule(name, dtype=str(dtype).replace("torch.", ""))
+    program = PBSAProgram(schedule, backend="triton")
+    chunks = [tuple(x.to("cuda", dtype) for x in c)
+              for c in chunk_tensors(schedule, 2, seed=4, steps=5)]
+    dense, sparse = (_rollout(program, chunks, dense_path=d) for d in (True, False))
+    valid = LAYOUT.valid_token_mask(LAYOUT.chunk_frames).cuda()
+    tol = TOL[dtype]
+    state = reference.new_state(schedule, 2)
+    for t, (d, s) in enumerate(zip(dense, sparse)):
+        q, k, v = (x.double().cpu() for x in chunks[t])
+        want, want_lse, _ = reference.attention(schedule, state, q, k, v)
+        state = reference.commit(schedule, state, q, k, v)
+        err = (d[1].double().cpu() - want).norm() / want.norm()
+        assert err < tol, f"step {t} ({d[0]}): relative error {err:.2e}"
+        torch.testing.assert_close(d[2][:, :, valid].double().cpu(), want_lse[:, :, valid.cpu()],
+                                   rtol=10 * tol, atol=10 * tol)
+        for got, ref in zip(d[3:], s[3:]):
+            assert (got - ref).double().norm() <= 10 * tol * ref.double().norm() + 1e-6
