@@ -204,6 +204,8 @@ BENCH_SCRIPTS = {
     "memory": ("memory.py", "the memory update's cost per chunk and the peak KV bytes"),
     "model-step": ("model_step.py", "the reference model's self-forcing step and its attention share"),
     "teacher-forcing": ("teacher_forcing_step.py", "the student's teacher-forcing step, profiled"),
+    "rollout": ("rollout.py", "program.attention along a rollout vs dense SDPA and Flex, every preset"),
+    "decode": ("decode.py", "end-to-end decoding at wan-1.3b scale: frames/s, latency, peak memory"),
 }
 
 
