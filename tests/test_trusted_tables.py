@@ -80,3 +80,14 @@ def test_tables_built_elsewhere_are_checked(counted):
     assert resolve_validate(None, tables) and not resolve_validate(False, tables)
     assert resolve_validate(True, tables.mark_trusted()) and not resolve_validate(None, tables)
     assert isinstance(tables, BlockTables)
+
+
+def test_inference_mode_tables_are_checked_not_trusted(counted):
+    """Inference tensors keep no version counter: tables made under inference_mode cannot
+    prove they are unchanged, so they are checked (and work) rather than crash."""
+    with torch.inference_mode():
+        program, cache, (q, k, v) = rollout()
+        tables = cache.tables(0)
+        assert not tables.is_trusted()
+        out, _ = program.attention(q, k, v, tables)
+    assert len(counted) == 1 and torch.isfinite(out).all()

@@ -38,11 +38,18 @@ class BlockTables:
     def batch(self) -> int:
         return self.k_pool.shape[0]
 
-    def _index_versions(self) -> tuple:
-        return tuple(getattr(self, name)._version for name in self.INDEX_FIELDS)
+    def _index_versions(self) -> Optional[tuple]:
+        """Version counters of the index tensors; None for inference tensors (made under
+        `torch.inference_mode`), which keep none: an in-place edit could not be seen."""
+        tensors = [getattr(self, name) for name in self.INDEX_FIELDS]
+        if any(t.is_inference() for t in tensors):
+            return None
+        return tuple(t._version for t in tensors)
 
     def mark_trusted(self) -> "BlockTables":
-        """Record that these tables are consistent now (their producer guarantees it)."""
+        """Record that these tables are consistent now (their producer guarantees it). Tables
+        of inference tensors stay untrusted (checked): use `torch.no_grad()` for rollouts
+        that should skip the check."""
         self.trusted_versions = self._index_versions()
         return self
 
