@@ -216,6 +216,11 @@ def test_self_forcing_fake_loss_falls(stages, tmp_path):
     assert last.keys() == final.keys() and all(torch.equal(last[k], final[k]) for k in last)
     first = load_file(str(tmp_path / "sf" / "snapshots" / snaps[0]))
     assert any(not torch.equal(first[k], last[k]) for k in first)
+    # each snapshot continued the held-out world clips: its scores are in the history
+    for key in ("val_psnr", "val_ssim", "val_roughness"):
+        assert [s for s, _ in h[key]] == [10, 20, 30], key
+        assert all(math.isfinite(v) for _, v in h[key]), h[key]
+    assert all(-1 <= v <= 1 for _, v in h["val_ssim"]) and all(v > 0 for _, v in h["val_roughness"])
 
 
 # --- 2. exact resume -----------------------------------------------------------------------
@@ -566,3 +571,17 @@ def test_damaged_checkpoint_is_refused_and_left_alone(capsys, stages, tmp_path, 
     assert after.keys() == before.keys()
     changed = [str(p) for p in before if before[p] != after[p]]
     assert not changed, f"the failed resume rewrote {changed}"
+
+
+def test_roughness_separates_the_world_from_noise():
+    """The number the self-forcing log and the snapshots' scores watch: the world's frames
+    sit near 0.2, white noise near 1.4 (docs/training.md)."""
+    from models.data import from_uint8
+    from models.train.validation import roughness
+    from models.world import render
+    cfg = load_config("small")
+    world = torch.stack([from_uint8(render(s, 0, 6, cfg.video, cfg.world)[0]) for s in range(4)])
+    assert 0.1 < roughness(world) < 0.35
+    noise = torch.randn(4, 6, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert 1.2 < roughness(noise) < 1.6
+    assert roughness(world + 0.3 * noise) > 2 * roughness(world)

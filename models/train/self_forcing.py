@@ -26,6 +26,7 @@ from ..flow import add_noise, denoising_times, sample_times, shifted, velocity_l
 from ..rollout import rollout
 from ..sampling import generate
 from .common import StageRun, Throughput, load_stage_weights, per_sample, require_unconditional
+from .validation import continuation_scores, roughness
 
 DMD_T_RANGE = (0.02, 0.98)   # Self-Forcing's min/max DMD timestep (of 1000)
 # streams of one sample's random draws (models/train/common.per_sample)
@@ -41,16 +42,6 @@ def dmd_times(run, step, idx):
     return shifted(per_sample(run, step, idx,
                               lambda g: lo + (hi - lo) * torch.rand((1,), generator=g),
                               DMD_TIME), run.cfg.flow.shift)
-
-
-def roughness(video: torch.Tensor) -> float:
-    """Mean neighbour-pixel difference over the mean deviation from each clip's mean: about
-    0.2 for the world's frames, about 1.4 for white noise. The first GPU runs' failure
-    (rollouts turning into per-patch noise) shows here long before the loss says anything."""
-    v = video.float()
-    diff = ((v[..., 1:, :] - v[..., :-1, :]).abs().mean() + (v[..., 1:] - v[..., :-1]).abs().mean()) / 2
-    spread = (v - v.mean(dim=tuple(range(1, v.dim())), keepdim=True)).abs().mean()
-    return float(diff / spread.clamp(min=1e-8))
 
 
 class SelfForcingStep:
@@ -143,7 +134,8 @@ def train_self_forcing(cfg, run_dir, teacher, student, pattern: Optional[str] = 
             bar.set_postfix(dmd=f"{metrics['dmd_loss']:.4f}", fake=f"{metrics['fake_loss']:.4f}",
                             clips_per_s=f"{speed.rate():.2f}")
         bar.update(1)
-        run.snapshot(generator, done)
+        if run.snapshot(generator, done) is not None:   # and how that snapshot continues clips
+            run.log(done, **continuation_scores(generator, backend, run))
         if (s.sample_every and done % s.sample_every == 0) or done == s.steps:
             write_rollout_samples(run, generator, backend, done)
         run.checkpoint(done, s.steps, objects, extra={"pattern": str(pattern)},

@@ -28,6 +28,7 @@ from ..attention import DenseBackend, TeacherForcingAttention
 from ..flow import add_noise, sample_times, velocity_loss
 from ..sampling import ar_ode_rollout, generate, ode_grid
 from .common import StageRun, Throughput, load_stage_weights, per_sample, require_unconditional
+from .validation import continuation_scores
 
 PAIRS_FILE = "ode_pairs.safetensors"
 TIME, NOISE = 1, 2   # streams of one sample's random draws
@@ -111,7 +112,8 @@ def _finish_step(run, bar, speed, model, opt, objects, step, loss, name, total):
         run.log(done, **{name: loss.item(), "grad_norm": grad_norm})
         bar.set_postfix(**{name: f"{loss.item():.4f}", "clips_per_s": f"{speed.rate():.1f}"})
     bar.update(1)
-    run.snapshot(model, done)
+    if run.snapshot(model, done) is not None:   # and how that snapshot continues clips
+        run.log(done, **continuation_scores(model, DenseBackend(run.cfg), run))
     if (s.sample_every and done % s.sample_every == 0) or done == total:
         write_student_samples(run, model, done)
     # the switch between the phases is always a checkpoint: the ODE pairs are drawn from
