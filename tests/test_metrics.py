@@ -18,8 +18,9 @@ PREFIX = 3
 
 @pytest.fixture(scope="module")
 def clip():
-    """Small world seed 0, frames 0..59 (three sprites leave and come back in range)."""
-    frames, meta = render(0, 0, 60, SMALL.video, SMALL.world)
+    """Small world seed 0, frames 0..95, one camera period (four sprites leave and come back
+    in range, five revisits)."""
+    frames, meta = render(0, 0, 96, SMALL.video, SMALL.world)
     return frames, meta
 
 
@@ -37,7 +38,7 @@ def test_identical_videos_are_perfect(clip):
     frames, _ = clip
     assert M.METRIC_BACKEND is not None
     psnr, ssim = M.psnr_per_frame(frames, frames), M.ssim_per_frame(frames, frames)
-    assert psnr.shape == ssim.shape == (60,)
+    assert psnr.shape == ssim.shape == (96,)
     assert np.isposinf(psnr).all()
     np.testing.assert_allclose(ssim, 1.0, atol=1e-5)
 
@@ -68,11 +69,11 @@ def test_recall_of_the_truth_is_perfect_and_finds_the_worlds_revisits(clip):
     r = recall(frames[PREFIX:], meta, distance=0.5)   # the solid pixels are exactly the colour
     assert r["revisits"] > 0 and r["context_revisits"] > 0
     assert r["mean_score"] == 1.0 and r["success_rate"] == 1.0
-    expected = {(k, left, back) for k, pairs in revisits(0, 0, 60, SMALL.video, SMALL.world).items()
+    expected = {(k, left, back) for k, pairs in revisits(0, 0, 96, SMALL.video, SMALL.world).items()
                 for left, back in pairs if back >= PREFIX}
     assert {(x["sprite"], x["left"], x["back"]) for x in r["records"]} == expected
     for x in r["records"]:
-        assert all(x["back"] <= f < 60 for f in x["frames"])
+        assert all(x["back"] <= f < 96 for f in x["frames"])
     # the sprite size from the metadata alone (a VideoConfig) agrees with the world config's
     assert M.revisit_recall(frames[PREFIX:], meta[PREFIX:], SMALL.video,
                             context_meta=meta[:PREFIX]) == recall(frames[PREFIX:], meta)
