@@ -91,3 +91,38 @@ def test_inference_mode_tables_are_checked_not_trusted(counted):
         assert not tables.is_trusted()
         out, _ = program.attention(q, k, v, tables)
     assert len(counted) == 1 and torch.isfinite(out).all()
+
+
+TOPK = sd.Pattern(sd.VideoLayout(2, 4, (2, 2), 1), sink=sd.Sink(1),
+                  persistent=sd.Persistent(2), window=sd.LocalWindow(3, sd.Radius(0, 0, 0) | sd.TopK(k=1)),
+                  current=sd.Causal(), update=sd.Update(sd.stat.importance), name="topk")
+
+
+def test_a_chunks_passes_reuse_the_static_visits_and_keep_their_top_k_apart():
+    """The four denoising passes and the clean pass of a chunk read the same cache: the
+    static part of the visit tables is built once per chunk and layer and reused; each pass's
+    Top-K writes into its own copy, so a pass gives what a fresh program gives."""
+    def make():
+        return sd.compile(TOPK, num_heads=2, num_kv_heads=1, head_dim=8, dtype="float32",
+                          backend="torch")
+    program, reference_program = make(), make()
+    caches = [p.new_cache(batch=1, num_layers=2) for p in (program, reference_program)]
+    g = torch.Generator().manual_seed(1)
+    n = TOPK.layout.chunk_blocks * TOPK.layout.block_tokens
+    shape, kv_shape = (1, 2, n, 8), (1, 1, n, 8)
+    for step in range(6):
+        passes = [torch.randn(shape, generator=g) for _ in range(3)]
+        k, v = torch.randn(kv_shape, generator=g), torch.randn(kv_shape, generator=g)
+        for layer in range(2):
+            for q in passes + passes[:1]:      # the first pass again after the others
+                got, _ = program.attention(q, k, v, caches[0].tables(layer))
+                fresh = make()                 # no memo: what the pass must give
+                want, _ = fresh.attention(q, k, v, caches[1].tables(layer))
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+            for cache in caches:
+                cache.commit(layer, passes[0], k, v)
+        # one memo entry per layer and sparse step (dense steps build no visit tables),
+        # reused by every pass
+        sparse = sum(program.path_at(t) == "sparse" for t in range(step + 1))
+        assert len(program._static_visit_memo) == 2 * sparse
+    assert sparse >= 2
