@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from sparsedsl.explain import explain as explain_schedule
 from sparsedsl.schedule import Schedule
+from sparsedsl.tiles import kernel_block_tokens
 
 from . import select as select_ops
 from .attention.kernel_spec import AttentionKernelSpec
@@ -52,7 +53,7 @@ class PBSAProgram:
         self.backend = backend
         self.config = config
         lay = schedule.layout
-        self.kernel_block_tokens = _pow2_at_least(lay.block_tokens, 16)
+        self.kernel_block_tokens = kernel_block_tokens(lay.block_tokens)   # sparsedsl.tiles
         self.kernel_head_dim = _pow2_at_least(schedule.head_dim, 16)
         self.scale = 1.0 / math.sqrt(schedule.head_dim)
         self.cur_valid_host = torch.tensor(list(lay.frame_valid_tokens) * lay.chunk_frames,

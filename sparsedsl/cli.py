@@ -230,6 +230,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tiles(args: argparse.Namespace) -> int:
+    """Rank tile shapes for a frame of HxW tokens by the kernel slots they leave empty."""
+    from .tiles import format_table, rank_tiles
+    try:
+        height, width = (int(x) for x in args.frame.lower().split("x"))
+    except ValueError:
+        raise CliError(f"frame {args.frame!r}: expected HEIGHTxWIDTH in tokens, e.g. 30x52") from None
+    _check_range("--max-block", args.max_block, 16, 1024, "kernel slots per block")
+    choices = rank_tiles(height, width, max_block=args.max_block, min_blocks=args.min_blocks)
+    if not choices:
+        raise CliError(f"no tile of {height}x{width} tokens gives >= {args.min_blocks} blocks of "
+                       f"<= {args.max_block} slots: lower --min-blocks")
+    print(format_table(height, width, choices, args.top))
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from . import presets
 
@@ -485,6 +501,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", action="store_true", help="same as `bench memory`")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="arguments for the script")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("tiles", help="which tile shape wastes least kernel work for a frame size",
+                       description="Rank tile shapes for a frame of HEIGHTxWIDTH tokens by the "
+                                   "share of kernel slots left empty (edge tiles plus the "
+                                   "kernels' rounding of a block to a power of two >= 16).")
+    p.add_argument("frame", metavar="HxW", help="tokens per frame, e.g. 30x52")
+    p.add_argument("--max-block", type=_positive_int, default=128, metavar="N",
+                   help="largest kernel block, in slots (default 128)")
+    p.add_argument("--min-blocks", type=_positive_int, default=16, metavar="N",
+                   help="fewest blocks per frame (Top-K needs blocks to choose among; default 16)")
+    p.add_argument("--top", type=_positive_int, default=10, metavar="N", help="rows (default 10)")
+    p.set_defaults(func=cmd_tiles)
 
     p = sub.add_parser("presets", help="list the preset patterns",
                        description="List the preset patterns with their one-line descriptions.")
