@@ -68,6 +68,28 @@ def cmd_export(args) -> int:
     return 0
 
 
+DEMO_WEIGHTS = Path(__file__).resolve().parent.parent / "checkpoints" / "small-sparse-forcing.safetensors"
+
+
+def cmd_demo(args) -> int:
+    """`generate` with the demo's choices: the shipped small generator continues a world
+    prefix far past its training horizon through the compiled sparse-forcing pattern (the
+    generated kernels on CUDA, the PyTorch backend on CPU), beside the true continuation."""
+    weights = Path(args.weights) if args.weights else DEMO_WEIGHTS
+    if not weights.exists():
+        print(f"sparse-forcing: error: {weights}: no trained generator there"
+              + ("" if args.weights else " yet (the small model's self-forcing run is not "
+                 "committed; docs/training.md says where it stands); pass --weights FILE"),
+              file=sys.stderr)
+        return 2
+    from .generate import cmd_generate
+    argv = ["generate", str(weights), "--pattern", args.pattern, "--frames", str(args.frames),
+            "--prefix", str(args.prefix), "--world-seed", str(args.world_seed), "--out", args.out]
+    if args.no_progress:
+        argv.append("--no-progress")
+    return cmd_generate(build_parser().parse_args(argv))
+
+
 def cmd_configs(args) -> int:
     for name in bundled_configs():
         cfg = load_config(name)
@@ -118,6 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate import add_parser as add_evaluate_parser
     add_generate_parser(sub)
     add_evaluate_parser(sub)
+    p = sub.add_parser("demo", help="the shipped small generator: a long world continuation "
+                                    "through the sparse-forcing pattern, with the truth beside it")
+    p.add_argument("--weights", default=None, help=f"default {DEMO_WEIGHTS.name} in checkpoints/")
+    p.add_argument("--pattern", default="sparse-forcing")
+    p.add_argument("--frames", type=int, default=240, help="frames to generate (default 240)")
+    p.add_argument("--prefix", type=int, default=3, help="true frames to continue (default 3)")
+    p.add_argument("--world-seed", type=int, default=0)
+    p.add_argument("--out", default="out/demo")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
     p = sub.add_parser("configs", help="list the bundled configs")
     p.set_defaults(func=cmd_configs)
     return parser

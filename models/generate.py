@@ -134,6 +134,7 @@ class GenerationResult:
     seed: int
     source: str                         # "noise" | "world seed S" | "video FILE"
     notes: list = field(default_factory=list)
+    memory: list = field(default_factory=list)   # a pattern's MemorySnapshot after each chunk (layer 0)
 
     @property
     def horizon_multiple(self) -> float:
@@ -337,7 +338,7 @@ def generate(model, cfg: Config, pattern="dense", frames: int = DEFAULT_FRAMES,
         from tqdm import tqdm
         bar = tqdm(total=chunks, desc=f"generate ({_name(backend)})", unit="chunk",
                    dynamic_ncols=True, file=sys.stderr)
-    latencies, cache_bytes = [], []
+    latencies, cache_bytes, memory = [], [], []
 
     sync()
     t0 = time.perf_counter()
@@ -355,6 +356,8 @@ def generate(model, cfg: Config, pattern="dense", frames: int = DEFAULT_FRAMES,
         latencies.append(now - last[0])
         last[0] = now
         cache_bytes.append(int(cache.nbytes()))
+        if hasattr(cache, "cache") and hasattr(cache.cache, "snapshot"):   # a pattern's memory
+            memory.append(cache.cache.snapshot(0))
         if bar is not None:
             bar.set_postfix(ms=f"{1e3 * latencies[-1]:.1f}", cache=_human(cache_bytes[-1]),
                             refresh=False)
@@ -385,7 +388,7 @@ def generate(model, cfg: Config, pattern="dense", frames: int = DEFAULT_FRAMES,
         pattern=_name(backend),
         config=cfg.name, device=str(device), batch=batch, frames=frames, prefix_frames=P,
         chunk_frames=c, horizon_frames=cfg.video.frames, seed=seed, source=source,
-        notes=notes)
+        notes=notes, memory=memory)
 
 
 # =========================================================================================
@@ -428,6 +431,19 @@ def summary(result: GenerationResult) -> str:
     return "\n".join(lines)
 
 
+def psnr_by_horizon(result: GenerationResult) -> list[tuple[float, float]]:
+    """[(horizon multiple, mean PSNR dB)] of sample 0 against the truth over each window of
+    one training horizon (1x = the first `horizon_frames` generated frames, 2x the next...);
+    [] without a truth. Identical frames (inf dB) count as 100 dB."""
+    from .metrics import psnr_per_frame
+    if result.truth is None or not len(result.truth):
+        return []
+    n = min(len(result.truth), result.video.shape[1])
+    psnr = np.minimum(psnr_per_frame(result.video[0, :n], result.truth[:n]), 100.0)
+    h = result.horizon_frames
+    return [((i + min(h, n - i)) / h, float(psnr[i:i + h].mean())) for i in range(0, n, h)]
+
+
 def _columns(result: GenerationResult) -> tuple[list, list]:
     """(videos, labels) of the GIF/MP4: truth | generated sample(s), each preceded by the
     prefix when there is one."""
@@ -446,7 +462,8 @@ def _columns(result: GenerationResult) -> tuple[list, list]:
 def write_outputs(result: GenerationResult, out_dir: Union[str, Path], fps: float = 8,
                   quiet: bool = False) -> list[Path]:
     """stats.json, generated.gif and (where imageio-ffmpeg is installed) generated.mp4 in
-    `out_dir`; prints the summary. Returns the paths written."""
+    `out_dir`, and memory.png for a pattern with memory; prints the summary and, when there
+    is a truth, PSNR per training horizon. Returns the paths written."""
     from . import media
     from .checkpoint import atomic_path
     out = Path(out_dir)
@@ -466,8 +483,17 @@ def write_outputs(result: GenerationResult, out_dir: Union[str, Path], fps: floa
                                        labels=labels))
     except (RuntimeError, OSError) as e:
         skipped = f"note: no MP4 written ({e})"
+    if result.memory:    # a pattern's persistent memory over the run, as explain --rollout draws it
+        from codegen.memory.memory_picture import draw_memory
+        written.append(draw_memory(result.memory, out / "memory.png",
+                                   title=f"{result.pattern}: persistent memory while generating "
+                                         f"{result.frames} frames ({result.source})"))
     if not quiet:
         print(summary(result))
+        by_horizon = psnr_by_horizon(result)
+        if by_horizon:
+            print("  PSNR vs the truth, per training horizon: " + ", ".join(
+                f"{m:.1f}x {db:.1f} dB" for m, db in by_horizon))
         if skipped:
             print(skipped)
         print("wrote " + ", ".join(str(p) for p in written))

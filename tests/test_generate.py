@@ -242,3 +242,52 @@ def test_pattern_file_without_pattern_is_a_one_line_cli_error(weights, tmp_path,
     assert gen.main(["generate", str(weights), "--pattern", str(tmp_path / "missing.py"),
                      "--no-progress"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# --- the demo's extras: the memory picture and PSNR per training horizon -------------------
+def test_a_patterns_memory_is_recorded_per_chunk_and_drawn(model, tmp_path, capsys):
+    r = run(model, pattern="sparse-forcing", frames=6 * C, prefix_frames=C, world_seed=0)
+    assert len(r.memory) == 6
+    assert [m.frames for m in r.memory] == [C * (i + 2) for i in range(6)]   # prefix + chunks
+    later = r.memory[-1]
+    assert later.persistent and all(len(v) > 0 for v in later.persistent.values())
+    paths = gen.write_outputs(r, tmp_path / "out")
+    assert (tmp_path / "out" / "memory.png") in paths
+    assert Image.open(tmp_path / "out" / "memory.png").size[0] > 400
+    assert "PSNR vs the truth, per training horizon: 1.0x" in capsys.readouterr().out
+    dense = run(model, pattern="dense", frames=2 * C, prefix_frames=C, world_seed=0)
+    assert dense.memory == []
+
+
+def test_psnr_by_horizon_windows_the_truth():
+    frames, _ = render(0, 0, 20, CFG.video, CFG.world)
+    r = gen.GenerationResult(
+        video=frames[None].copy(), samples=torch.zeros(1), truth=frames, prefix=None,
+        chunk_latencies_s=[1.0], time_to_first_chunk_s=1.0, frames_per_s=1.0,
+        steady_frames_per_s=None, prefill_s=0.0, total_s=1.0, peak_memory_bytes=1,
+        peak_memory_method="peak RSS", cache_bytes=[1], cache_bounded=True, backend="b",
+        pattern="p", config="tiny", device="cpu", batch=1, frames=20, prefix_frames=0,
+        chunk_frames=C, horizon_frames=HORIZON, seed=0, source="world seed 0")
+    perfect = gen.psnr_by_horizon(r)
+    n_windows = -(-20 // HORIZON)
+    assert [m for m, _ in perfect][:-1] == [float(i + 1) for i in range(n_windows - 1)]
+    assert perfect[-1][0] == pytest.approx(20 / HORIZON)
+    assert all(db == 100.0 for _, db in perfect)                   # identical: capped inf
+    r.video = r.video.copy()
+    r.video[0, HORIZON:] = 255 - r.video[0, HORIZON:]             # the second window wrong
+    worse = gen.psnr_by_horizon(r)
+    assert worse[0][1] == 100.0 and worse[1][1] < 20.0
+    r.truth = None
+    assert gen.psnr_by_horizon(r) == []
+
+
+def test_demo_command(weights, tmp_path, capsys):
+    from models.cli import main
+    out = tmp_path / "demo"
+    assert main(["demo", "--weights", str(weights), "--frames", "12", "--out", str(out),
+                 "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "PSNR vs the truth" in text and "sparse-forcing" in text
+    assert {"generated.gif", "stats.json", "memory.png"} <= {p.name for p in out.iterdir()}
+    assert main(["demo", "--weights", str(tmp_path / "missing.safetensors")]) == 2
+    assert "no trained generator there" in capsys.readouterr().err
