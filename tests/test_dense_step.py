@@ -52,8 +52,10 @@ def _rollout(program, chunks, dense_path: bool):
     for q, k, v in chunks:
         q, k, v = (x.clone().requires_grad_(True) for x in (q, k, v))
         out, lse = program.attention(q, k, v, cache.tables(0))
-        (out.double() * torch.linspace(-1, 1, out.shape[-1], dtype=torch.float64)).sum().backward()
-        results.append((program.path_at(cache.step, q.device), out.detach(), lse, q.grad, k.grad, v.grad))
+        weight = torch.linspace(-1, 1, out.shape[-1], dtype=torch.float64, device=out.device)
+        (out.double() * weight).sum().backward()
+        results.append((program.path_at(cache.step, q.device), out.detach(), lse,
+                        q.grad, k.grad, v.grad))
         cache.commit(0, q.detach(), k.detach(), v.detach())
     return results
 
