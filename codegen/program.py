@@ -241,21 +241,18 @@ class PBSAProgram:
         dev = q_blocks.device
         B, H, NQB = q_blocks.shape[:3]
         split = s.window.split
-        topk = split.topk is not None and bool(split.topk.count(s.window_block_count(step))) \
-            and s.window_block_count(step) > 0
+        n_window = s.window_block_count(step)
+        k = split.topk.count(n_window) if split.topk is not None and n_window else 0
         visit_slots, visit_count = self._static_visits(tables, step, B, H, NQB, dev,
-                                                       writable=topk)
-        if topk:
+                                                       writable=bool(k))
+        if k:
             pos, cnt = self.static_window_positions(step, dev)
-            n_window = s.window_block_count(step)
-            k = split.topk.count(n_window)
-            if k and n_window:
-                q_rep = select_ops.block_representatives(q_blocks, self.cur_valid(dev),
-                                                         backend=select_backend,
-                                                         check_values=validate)
-                select_ops.select_topk(q_rep, tables.k_rep, tables.window_slots, n_window, pos,
-                                       cnt, split.mode, k, visit_slots, visit_count,
-                                       backend=select_backend, check_values=validate)
+            q_rep = select_ops.block_representatives(q_blocks, self.cur_valid(dev),
+                                                     backend=select_backend,
+                                                     check_values=validate)
+            select_ops.select_topk(q_rep, tables.k_rep, tables.window_slots, n_window, pos,
+                                   cnt, split.mode, k, visit_slots, visit_count,
+                                   backend=select_backend, check_values=validate)
         return visit_slots, visit_count
 
     # --- attention ------------------------------------------------------------------------

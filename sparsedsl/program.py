@@ -231,11 +231,7 @@ class ReferenceCache(CacheStepRules):
             layers = [self._layer_from_state(i, entry) for i, entry in enumerate(entries)]
         except KeyError as exc:
             raise ValueError(f"load_state_dict: the state misses {exc}") from None
-        steps = [st.step for st in layers]
-        if not set(steps) <= {step, step + 1} or step not in steps:
-            raise ValueError(f"load_state_dict: layer steps {steps} do not fit step {step}: "
-                             f"every layer is at step {step} (not committed yet) or {step + 1} "
-                             "(committed), and at least one has not committed")
+        self._check_loaded_steps(step, [st.step for st in layers])
         self.layers, self.step = layers, step
 
     def _layer_from_state(self, i: int, entry: dict) -> reference.RolloutState:

@@ -145,6 +145,15 @@ class CacheStepRules:
                              "still have to commit it")
         return state
 
+    @staticmethod
+    def _check_loaded_steps(step: int, layer_steps: list) -> None:
+        """load_state_dict: every layer is at `step` (not committed yet) or `step + 1`
+        (committed), and at least one has not committed."""
+        if not set(layer_steps) <= {step, step + 1} or step not in layer_steps:
+            raise ValueError(f"load_state_dict: layer steps {layer_steps} do not fit step {step}: "
+                             f"every layer is at step {step} (not committed yet) or {step + 1} "
+                             "(committed), and at least one has not committed")
+
     def _check_chunk_tensors(self, q, k, v) -> None:
         import torch
 

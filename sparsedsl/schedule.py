@@ -102,6 +102,11 @@ class Schedule:
             self.sink_frames, end - self.window.frames)
         return min(start, end), end
 
+    def frames_left_window(self, step: int) -> int:
+        """Frames between the sink and the window at `step`: they have left the window (the
+        persistent set may hold some of their blocks)."""
+        return self.window_frames_range(step)[0] - min(self.sink_frames, step * self.chunk_frames)
+
     def window_block_count(self, step: int) -> int:
         start, end = self.window_frames_range(step)
         return (end - start) * self.blocks_per_frame
@@ -212,8 +217,7 @@ class Schedule:
 def _dense_at(schedule: Schedule, step: int) -> bool:
     c, nb = schedule.chunk_frames, schedule.blocks_per_frame
     sink_frames = min(schedule.sink_frames, step * c)
-    start, _ = schedule.window_frames_range(step)
-    evicted = (start - sink_frames) * nb           # blocks that have left the window so far
+    evicted = schedule.frames_left_window(step) * nb   # blocks that have left the window so far
     if schedule.capacity < evicted:                # the persistent set cannot hold them all
         return False
     earlier = step * c * nb

@@ -22,9 +22,9 @@ import torch
 from .tables import BlockTables
 
 
-def _real_offsets(program, device) -> tuple[torch.Tensor, int]:
-    """(real token offsets inside one frame of pool blocks [R] long, R): block j of a frame
-    keeps its first `frame_valid_tokens[j]` of the kernel's `kernel_block_tokens` slots."""
+def _real_offsets(program, device) -> torch.Tensor:
+    """Real token offsets inside one frame of pool blocks, long: block j of a frame keeps its
+    first `frame_valid_tokens[j]` of the kernel's `kernel_block_tokens` slots."""
     key = ("dense_frame_offsets", str(device))
     consts = program._device_constants
     if key not in consts:
@@ -32,8 +32,7 @@ def _real_offsets(program, device) -> tuple[torch.Tensor, int]:
         offsets = [j * BT + i for j, n in enumerate(program.schedule.layout.frame_valid_tokens)
                    for i in range(n)]
         consts[key] = torch.tensor(offsets, dtype=torch.long, device=device)
-    offsets = consts[key]
-    return offsets, offsets.numel()
+    return consts[key]
 
 
 def earlier_slots(program, tables: BlockTables, step: int) -> torch.Tensor:
@@ -44,11 +43,10 @@ def earlier_slots(program, tables: BlockTables, step: int) -> torch.Tensor:
     s = program.schedule
     nb = s.blocks_per_frame
     sink_frames = min(s.sink_frames, step * s.chunk_frames)
-    start, end = s.window_frames_range(step)
-    held = (start - sink_frames) * nb
+    held = s.frames_left_window(step) * nb
     slots = torch.cat([tables.sink_slots[:, :, :sink_frames * nb],
                        tables.persistent_slots[:, :, :held],
-                       tables.window_slots[:, :, :(end - start) * nb]], dim=2).long()
+                       tables.window_slots[:, :, :s.window_block_count(step)]], dim=2).long()
     if held:
         order = tables.slot_block.long().gather(2, slots).argsort(dim=2)
         slots = slots.gather(2, order)
@@ -65,7 +63,7 @@ def earlier_keys(program, pool: torch.Tensor, slots: torch.Tensor, frames: int) 
     b = torch.arange(B, device=pool.device)[:, None, None]
     h = torch.arange(Hkv, device=pool.device)[None, :, None]
     blocks = pool[b, h, slots]                                  # [B, Hkv, frames * nb, BT, D]
-    offsets, R = _real_offsets(program, pool.device)
+    offsets = _real_offsets(program, pool.device)
     frame_base = torch.arange(frames, device=pool.device)[:, None] * (nb * BT)
     index = (frame_base + offsets[None, :]).reshape(-1)
     tokens = blocks.reshape(B, Hkv, frames * nb * BT, pool.shape[-1]).index_select(2, index)

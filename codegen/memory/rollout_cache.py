@@ -453,11 +453,7 @@ class RolloutCache(CacheStepRules):
             new_layers = self._layers_from_state(state)
         except KeyError as exc:
             raise ValueError(f"load_state_dict: the state misses {exc}") from None
-        steps = [L.step for L in new_layers]
-        if not set(steps) <= {step, step + 1} or step not in steps:
-            raise ValueError(f"load_state_dict: layer steps {steps} do not fit step {step}: "
-                             f"every layer is at step {step} (not committed yet) or {step + 1} "
-                             "(committed), and at least one has not committed")
+        self._check_loaded_steps(step, [L.step for L in new_layers])
         self.layers = new_layers
         self.step = int(state["step"])
         self._pending = sum(L.step == self.step for L in new_layers)
