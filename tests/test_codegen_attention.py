@@ -31,6 +31,7 @@ from hypothesis import strategies as st  # noqa: E402
 from codegen.attention import cache as kcache  # noqa: E402
 from codegen.attention import launch  # noqa: E402
 from codegen.attention.autograd import pbsa_attention  # noqa: E402
+from codegen.attention import torch_backend  # noqa: E402
 from codegen.attention.kernel_spec import AttentionKernelSpec, KernelConfig  # noqa: E402
 from codegen.attention.render import render_attention_source  # noqa: E402
 
@@ -231,8 +232,13 @@ def test_torch_backend_matches_float64_reference(case):
     go = torch.randn(prob["q"].shape, generator=g)
     glse = torch.randn(prob["q"].shape[:-1], generator=g)
     ref = reference_with_grads(spec, prob, go, glse, spec.head_dim**-0.5, pool_grad)
-    got = run_with_grads(spec, prob, "torch", go, glse, None, pool_grad)
-    check_against_reference(spec, prob, got, ref, TOL[spec.dtype])
+    for method in ("gather", "pool"):   # the backend's two ways to the same numbers
+        with torch_backend.use_method(method):
+            got = run_with_grads(spec, prob, "torch", go, glse, None, pool_grad)
+            with torch.no_grad():   # inference: "pool" scores through PyTorch's fused CPU attention
+                o, lse = pbsa_attention(spec, *[prob[k] for k in ARGS], backend="torch")
+        check_against_reference(spec, prob, got, ref, TOL[spec.dtype])
+        check_against_reference(spec, prob, (o, lse, {}), ref[:2] + ({},), TOL[spec.dtype])
 
 
 def test_backward_is_deterministic_and_skips_pool_without_grad():
@@ -478,3 +484,13 @@ def test_gpu_gluon_forward_matches_reference(bt, hkv, current, dtype, padding, m
     real = torch.isfinite(triton_fwd[1])  # LSE is -inf on padded query rows in both
     assert torch.equal(torch.isfinite(got[1]), real)
     assert rel_err(got[0], triton_fwd[0]) <= 1e-2 and rel_err(got[1][real], triton_fwd[1][real]) <= 1e-5
+
+
+def test_torch_backend_method_choice_and_bad_name():
+    """"auto" scores the whole pool only where it is small next to the visits."""
+    assert torch_backend.choose_method(num_slots=128, max_visits=64) == "pool"
+    assert torch_backend.choose_method(num_slots=4096, max_visits=8) == "gather"
+    assert torch_backend.choose_method(num_slots=0, max_visits=0) == "gather"
+    with pytest.raises(ValueError, match="method = 'fast'"):
+        with torch_backend.use_method("fast"):
+            pass
