@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .config import ConfigError, bundled_configs, load_config, parse_overrides
+from .data import HELD_OUT_WORLDS
 
 STAGES = ("teacher", "student", "self-forcing")
 EXIT_STOPPED = 3   # a stage stopped at its --time-limit: resumable, not finished
@@ -146,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", default="sparse-forcing")
     p.add_argument("--frames", type=int, default=240, help="frames to generate (default 240)")
     p.add_argument("--prefix", type=int, default=3, help="true frames to continue (default 3)")
-    p.add_argument("--world-seed", type=int, default=0)
+    p.add_argument("--world-seed", type=int, default=HELD_OUT_WORLDS,
+                   help=f"the world to continue (default {HELD_OUT_WORLDS}, one no training stage saw)")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)

@@ -41,6 +41,12 @@ def clip_start(seed: int, cfg: Config) -> int:
     return int(rng.integers(4 * cfg.world.camera_period))
 
 
+# Worlds that no training stage draws (a stage with seed s trains on worlds from
+# 1_000_003 * s on, a few hundred thousand of them): evaluation and the demo continue
+# these, so a continuation is never of a world seen in training.
+HELD_OUT_WORLDS = 2_000_000
+
+
 class WorldClips(Dataset):
     """Item i: frames [start, start + cfg.video.frames) of world `base_seed + i`."""
 

@@ -42,7 +42,7 @@ from . import media
 from . import metrics as M
 from .checkpoint import CheckpointError, atomic_path, sample_generator
 from .config import Config, ConfigError
-from .data import from_uint8, to_uint8
+from .data import HELD_OUT_WORLDS, from_uint8, to_uint8
 from .world import render
 
 DEFAULT_HORIZONS = (1, 4, 12)       # multiples of the training horizon (cfg.video.frames)
@@ -64,7 +64,7 @@ def _seed_list(seeds) -> list[int]:
     if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
         if seeds < 1:
             raise EvaluateError(f"seeds = {seeds}: evaluate at least 1 seed")
-        return list(range(int(seeds)))
+        return list(range(HELD_OUT_WORLDS, HELD_OUT_WORLDS + int(seeds)))   # unseen worlds
     out = [int(s) for s in seeds]
     if not out:
         raise EvaluateError("seeds: evaluate at least 1 seed")
@@ -425,7 +425,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--entry", action="append", default=[], metavar="NAME=WEIGHTS[:PATTERN]",
                    help="a generator to evaluate (repeat for each); PATTERN: 'dense', a "
                         "sparsedsl preset or a .py file (default: the config's)")
-    p.add_argument("--seeds", type=int, default=8, help="world seeds 0..N-1 (default 8)")
+    p.add_argument("--seeds", type=int, default=8,
+                   help=f"N held-out worlds, seeds {HELD_OUT_WORLDS} + 0..N-1 (worlds no training "
+                        "stage draws; default 8)")
     p.add_argument("--prefix", type=int, default=3,
                    help="true frames given before generation (a multiple of chunk_frames)")
     p.add_argument("--horizons", default=",".join(map(str, DEFAULT_HORIZONS)),

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from models.checkpoint import export_weights
+from models.data import HELD_OUT_WORLDS
 from models.config import load_config
 from models.dit import CausalDiT
 from models.evaluate import (
@@ -54,15 +55,17 @@ def test_two_entries_two_seeds_end_to_end(weights, tmp_path, capsys):
                  "--horizons", "1,2", "--out", str(out), "--no-progress", "--device", "cpu")
     assert rc == 0, capsys.readouterr().err
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["dense_seed0.gif", "metrics.json", "psnr_vs_horizon.png", "results.md",
-                     "sparse_seed0.gif"]                       # no temporary file left
+    first = HELD_OUT_WORLDS   # `--seeds N`: worlds no training stage draws
+    assert names == [f"dense_seed{first}.gif", "metrics.json", "psnr_vs_horizon.png", "results.md",
+                     f"sparse_seed{first}.gif"]                # no temporary file left
     summary = json.loads((out / "metrics.json").read_text(),
                          parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
-    assert summary["seeds"] == [0, 1] and summary["frames_generated"] == 2 * TINY.video.frames
+    assert summary["seeds"] == [first, first + 1]
+    assert summary["frames_generated"] == 2 * TINY.video.frames
     assert summary["entries"]["sparse"]["pattern"] == "sparse-forcing"
     for name in ("dense", "sparse"):
         entry = summary["entries"][name]
-        for seed in ("0", "1"):
+        for seed in (str(first), str(first + 1)):
             s = entry["per_seed"][seed]
             for key in ("psnr", "ssim", "hist", "mean_drift"):
                 values = np.array(s[key], dtype=float)          # None (non-finite) -> nan
@@ -87,7 +90,7 @@ def test_two_entries_two_seeds_end_to_end(weights, tmp_path, capsys):
         assert column in table
     with Image.open(out / "psnr_vs_horizon.png") as im:
         assert im.format == "PNG"
-    with Image.open(out / "dense_seed0.gif") as im:
+    with Image.open(out / f"dense_seed{first}.gif") as im:
         assert im.format == "GIF" and im.n_frames > 1
     assert "evaluated 2 entries x 2 seeds" in capsys.readouterr().out
 
