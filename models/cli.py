@@ -79,8 +79,8 @@ def cmd_demo(args) -> int:
     weights = Path(args.weights) if args.weights else DEMO_WEIGHTS
     if not weights.exists():
         print(f"sparse-forcing: error: {weights}: no trained generator there"
-              + ("" if args.weights else " yet (the small model's self-forcing run is not "
-                 "committed; docs/training.md says where it stands); pass --weights FILE"),
+              + ("" if args.weights else " (the shipped generator is part of the repository: "
+                 "restore checkpoints/ from git, or pass --weights FILE)"),
               file=sys.stderr)
         return 2
     from .generate import cmd_generate
