@@ -7,7 +7,9 @@ scores. Two ways to the same numbers:
 - "gather": each query block gathers the pool slots it visits (work follows the
   visit count; many small products);
 - "pool": each query block scores every pool slot in one matrix product and masks
-  the slots it does not visit (work follows the pool size; a few large products).
+  the slots it does not visit (work follows the pool size; a few large products);
+  calls with a non-finite key or value take the gather path, which confines it to
+  the rows that visit its block.
   Where the pool is not much larger than a query block's visits, as in the rollout
   caches of the presets, this is several times faster on a CPU.
 
@@ -70,7 +72,9 @@ def attention(
     args = (spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_valid, visit_slots, visit_count,
             1.0 / math.sqrt(spec.head_dim) if scale is None else scale)
     if choose_method(k_pool.shape[2], spec.max_cached_visits) == "pool":
-        return _attention_over_pool(*args)
+        out = _attention_over_pool(*args)
+        if out is not None:
+            return out
     return _attention_gathered(*args)
 
 
@@ -157,7 +161,8 @@ def _attention_gathered(spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_v
 def _attention_over_pool(spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_valid,
                          visit_slots, visit_count, scale):
     """Every query block against [the chunk's blocks | every pool slot], masked to the
-    blocks it may read: the causal rule for the chunk, the visit list for the pool."""
+    blocks it may read: the causal rule for the chunk, the visit list for the pool.
+    None when a key or value that some query reads is not finite (see below)."""
     B = q.shape[0]
     H, HKV, NQB, G = spec.num_heads, spec.num_kv_heads, spec.num_query_blocks, spec.group_size
     BT, D, MAXV = spec.block_tokens, spec.head_dim, spec.max_cached_visits
@@ -183,6 +188,10 @@ def _attention_over_pool(spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_
     values = torch.cat([v_cur, v_pool], 2).to(f32).index_select(1, head_kv).reshape(B, H, NKB * BT, D)
     keys = torch.where(key_ok[..., None], keys, 0.0)
     values = torch.where(key_ok[..., None], values, 0.0)
+    if not bool(torch.isfinite(keys).all() & torch.isfinite(values).all()):
+        # a NaN/inf key must reach exactly the rows that visit its block; in one product
+        # over the pool it would reach every row (0 * nan), so such calls take the gather path
+        return None
 
     q_ok_all = tok[None, :] < cur_valid.long()[:, None]                     # [NQB, BT]
     # without gradients on a CPU, PyTorch's fused CPU attention (which also returns the
