@@ -162,7 +162,7 @@ def _attention_over_pool(spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_
                          visit_slots, visit_count, scale):
     """Every query block against [the chunk's blocks | every pool slot], masked to the
     blocks it may read: the causal rule for the chunk, the visit list for the pool.
-    None when a key or value that some query reads is not finite (see below)."""
+    None when the output is not finite (see the end)."""
     B = q.shape[0]
     H, HKV, NQB, G = spec.num_heads, spec.num_kv_heads, spec.num_query_blocks, spec.group_size
     BT, D, MAXV = spec.block_tokens, spec.head_dim, spec.max_cached_visits
@@ -188,10 +188,6 @@ def _attention_over_pool(spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_
     values = torch.cat([v_cur, v_pool], 2).to(f32).index_select(1, head_kv).reshape(B, H, NKB * BT, D)
     keys = torch.where(key_ok[..., None], keys, 0.0)
     values = torch.where(key_ok[..., None], values, 0.0)
-    if not bool(torch.isfinite(keys).all() & torch.isfinite(values).all()):
-        # a NaN/inf key must reach exactly the rows that visit its block; in one product
-        # over the pool it would reach every row (0 * nan), so such calls take the gather path
-        return None
 
     q_ok_all = tok[None, :] < cur_valid.long()[:, None]                     # [NQB, BT]
     # without gradients on a CPU, PyTorch's fused CPU attention (which also returns the
@@ -206,11 +202,13 @@ def _attention_over_pool(spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_
         block_bias = torch.zeros(reads.shape, dtype=f32, device=dev).masked_fill_(~reads, float("-inf"))
         key_bias = torch.zeros(key_ok.shape, dtype=f32, device=dev).masked_fill_(~key_ok, float("-inf"))
     outs, lses = [], []
+    finite = True
     for q0 in range(0, NQB, step):
         q1 = min(NQB, q0 + step)
         n = q1 - q0
         qc = q[:, :, q0:q1].to(f32)
         qc = torch.where(q_ok_all[q0:q1][None, None, :, :, None], qc, 0.0).reshape(B, H, n * BT, D)
+        row_any = block_any[:, :, q0:q1, None].expand(B, H, n, BT).reshape(B, H, n * BT)
         if fused:
             bias = block_bias[:, :, q0:q1, None, :, None] + key_bias.view(B, H, 1, 1, NKB, BT)
             bias = bias.expand(B, H, n, BT, NKB, BT).reshape(B, H, n * BT, NKB * BT)
@@ -219,12 +217,17 @@ def _attention_over_pool(spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_
             m = reads[:, :, q0:q1, None, :, None].expand(B, H, n, BT, NKB, BT).reshape(B, H, n * BT, NKB * BT)
             m = m & key_ok[:, :, None, :]
             s = torch.matmul(qc, keys.transpose(-1, -2)) * scale            # [B,H,n*BT,NKB*BT]
-            s = s.masked_fill(~m, float("-inf")).masked_fill(~m.any(-1, keepdim=True), 0.0)
+            s = s.masked_fill(~m, float("-inf")).masked_fill(~row_any[..., None], 0.0)
             lse = torch.logsumexp(s, -1)                                     # [B,H,n*BT]
             p = torch.exp(s - lse[..., None]) * m
             o = torch.matmul(p, values)                                      # [B,H,n*BT,D]
-        row_any = block_any[:, :, q0:q1, None].expand(B, H, n, BT).reshape(B, H, n * BT)
+        finite = finite and bool(torch.isfinite(o).all())
         q_ok = q_ok_all[q0:q1].reshape(1, 1, n * BT) & row_any
         outs.append(torch.where(q_ok[..., None], o, 0.0).reshape(B, H, n, BT, D))
         lses.append(torch.where(q_ok, lse, float("-inf")).reshape(B, H, n, BT))
+    if not finite:
+        # a NaN/inf key or value must reach exactly the rows that visit its block; in one
+        # product over the pool it reaches every row (0 * nan, nan - inf), so such a call is
+        # answered by the gather path. A finite output means nothing non-finite was read.
+        return None
     return torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2)
