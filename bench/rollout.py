@@ -110,6 +110,7 @@ class StepRow:
     program: float
     kernel: float
     tables: float
+    graphed: Cell                  # program.attention captured in a CUDA graph, replayed
     sdpa_rolling: Cell
     sdpa_all: Cell
     sdpa_visited: Cell
@@ -124,6 +125,7 @@ class Result:
     tile: tuple[int, int]
     block_tokens: int
     rows: list[StepRow] = field(default_factory=list)
+    profile: Optional[str] = None   # --profile: where program.attention's time goes, last step
 
 
 # --- timing ---------------------------------------------------------------------------------
@@ -286,6 +288,62 @@ def visit_stats(program: PBSAProgram, q, tables) -> tuple[int, float, float]:
             float((visit.float() @ real).mean()))
 
 
+def time_graphed(timer: Timer, fn: Callable, device: str) -> Cell:
+    """`fn` captured once in a CUDA graph and replayed: the same GPU work without the host's
+    launches, which says how much of a call is launch overhead (a diagnostic: replaying
+    freezes the step's shapes and its tables' addresses, as a model that captures one graph
+    per step would)."""
+    if device != "cuda":
+        return "n/a (CPU)"
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):   # warm up (Triton compiles, allocator) off the capture
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        ms = timer(graph.replay)
+        del graph
+        return ms
+    except Exception as exc:   # a host sync inside the call makes capture fail: a result
+        return failed(exc)
+
+
+def profile_call(fn: Callable, calls: int = 20, top: int = 8) -> str:
+    """Where one call's time goes on the GPU: torch.profiler over `calls` calls; the GPU time
+    of each kernel (by name, per call), the kernel launches per call, the GPU-busy time per
+    call against the wall time per call (the rest is host time not hidden by the GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - start) * 1e3 / calls
+    kernels: dict[str, list] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = kernels.setdefault(event.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += event.device_time_total / 1e3   # us -> ms
+    busy = sum(ms for _, ms in kernels.values()) / calls
+    launches = sum(n for n, _ in kernels.values()) / calls
+    lines = [f"wall {wall_ms:.3f} ms per call (profiler on), GPU busy {busy:.3f} ms per call, "
+             f"{launches:.0f} kernel launches per call", "",
+             "| kernel | launches / call | GPU ms / call | share of busy |", "|---|---|---|---|"]
+    for name, (n, ms) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]:
+        short = (name[:90] + "...") if len(name) > 90 else name
+        lines.append(f"| `{short.replace('|', '/')}` | {n / calls:.0f} | {ms / calls:.3f} | "
+                     f"{ms / calls / busy:.0%} |")
+    return "\n".join(lines)
+
+
 def time_sdpa(timer: Timer, q_raster, history: History, frames: int, memo: dict) -> Cell:
     """Dense SDPA of the chunk's queries over the last `frames` frames (memoised per step)."""
     if frames not in memo:
@@ -319,6 +377,7 @@ def time_step(step: int, program: PBSAProgram, tables, q, k, v, q_raster, histor
                                             program.scale, backend=backend, validate=False))
     t_tables = timer(lambda: program.visit_tables(qb, tables, step, select_backend=backend,
                                                   validate=False))
+    t_graphed = time_graphed(timer, lambda: program.attention(q, k, v, tables), q.device.type)
     visited_frames, blocks, tokens = visit_stats(program, q, tables)
     frames, memo = history.frames, {}
     sdpa_rolling = time_sdpa(timer, q_raster, history, min(ROLLING_FRAMES, frames), memo)
@@ -331,7 +390,7 @@ def time_step(step: int, program: PBSAProgram, tables, q, k, v, q_raster, histor
         prebuilt, rebuilt, options = time_flex(timer, flex, program, q, tables, keys, values)
         del keys, values
     return StepRow(step, program_path(program, step, q.device), frames, visited_frames, blocks, tokens,
-                   t_program, t_kernel, t_tables, sdpa_rolling, sdpa_all, sdpa_visited,
+                   t_program, t_kernel, t_tables, t_graphed, sdpa_rolling, sdpa_all, sdpa_visited,
                    prebuilt, rebuilt, options)
 
 
@@ -352,6 +411,9 @@ def rollout(preset: str, tile: tuple[int, int], geo: Geometry, args, timed: set[
             result.rows.append(row)
             print(f"  {preset} {tile[0]}x{tile[1]} step {step}: program.attention "
                   f"{row.program:.3f} ms", file=sys.stderr, flush=True)
+            if args.profile and step == max(timed) and geo.device == "cuda":
+                tables = cache.tables(0)
+                result.profile = profile_call(lambda: program.attention(q, k, v, tables))
         cache.commit(0, q, k, v)
     del cache, history
     if geo.device == "cuda":
@@ -362,7 +424,7 @@ def rollout(preset: str, tile: tuple[int, int], geo: Geometry, args, timed: set[
 # --- report -------------------------------------------------------------------------------------
 COLUMNS = ("step", "program path", "frames", "visited frames", "visited blocks / query block",
            "real key tokens / query block", "program.attention ms", "kernel alone ms",
-           "visit tables + select ms", "SDPA rolling 21 ms", "SDPA all frames ms",
+           "visit tables + select ms", "program.attention as a CUDA graph ms", "SDPA rolling 21 ms", "SDPA all frames ms",
            "SDPA visited frames ms", "Flex prebuilt mask ms", "Flex mask rebuilt ms",
            "speedup vs SDPA rolling 21", "slower than SDPA on visited frames")
 
@@ -403,7 +465,7 @@ def table(result: Result, geo: Geometry, command: str) -> str:
     for r in result.rows:
         values = [str(r.step), r.path, str(r.frames), str(r.visited_frames),
                   f"{r.visited_blocks:.0f}", f"{r.visited_tokens:.0f}", cell(r.program),
-                  cell(r.kernel), cell(r.tables), cell(r.sdpa_rolling), cell(r.sdpa_all),
+                  cell(r.kernel), cell(r.tables), cell(r.graphed), cell(r.sdpa_rolling), cell(r.sdpa_all),
                   cell(r.sdpa_visited), cell(r.flex_prebuilt), cell(r.flex_rebuilt), speedup(r),
                   slower_than_dense(r)]
         lines.append("| " + " | ".join(values) + " |")
@@ -415,6 +477,9 @@ def table(result: Result, geo: Geometry, command: str) -> str:
     if fallback:   # the mask's own block size did not run: say which Flex tiles did
         lines.append(f"Flex ran with kernel_options {', '.join(sorted(fallback))} (the mask's "
                      f"{result.block_tokens}-token BLOCK_N failed).")
+    if result.profile:
+        lines += ["", f"Where program.attention's time goes at step {result.rows[-1].step} "
+                      f"(torch.profiler, --profile):", "", result.profile]
     return "\n".join(lines)
 
 
@@ -512,6 +577,8 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="append the tables to this markdown file")
     p.add_argument("--plot", default=None,
                    help="PNG of ms vs step (default $OUT/rollout.png or ./rollout.png; 'none': no plot)")
+    p.add_argument("--profile", action="store_true",
+                   help="profile program.attention at the last timed step (GPU kernels by time)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test on a tiny geometry")
     args = p.parse_args(argv)
     fill_defaults(args)
@@ -587,9 +654,9 @@ def main(argv=None) -> int:
                 results.append(result)
                 tables.append(table(result, geo, command))
                 print(tables[-1] + "\n", flush=True)
-    if args.out:
-        with open(args.out, "a") as handle:
-            handle.write("\n" + "\n\n".join(tables) + "\n")
+                if args.out:   # table by table: a run stopped midway keeps what it measured
+                    with open(args.out, "a") as handle:
+                        handle.write("\n" + tables[-1] + "\n")
     if args.plot != "none":
         plot(results, args.plot, f"{header(geo, command)}")
         print(f"plot: {args.plot}", file=sys.stderr)

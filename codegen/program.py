@@ -36,7 +36,7 @@ def _pow2_at_least(x: int, floor: int) -> int:
 # The dense path runs on CUDA through SDPA's flash / memory-efficient ops. Every new GPU path
 # is checked on a GPU against the float64 reference before it is on by default: set this to
 # True once `pytest -m gpu tests/test_dense_step.py` has passed on one (CPU: checked, on).
-DENSE_PATH_CHECKED_ON_CUDA = False
+DENSE_PATH_CHECKED_ON_CUDA = True   # H200, 2026-12-02: 8 passed
 # static visit tables kept for reuse across a chunk's passes (a few per layer of a model)
 STATIC_VISITS_KEPT = 64
 

@@ -35,6 +35,12 @@ class PBSAAttentionFunction(torch.autograd.Function):
             spec, q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_valid, visit_slots, visit_count,
             scale, config,
         )
+        if any(ctx.needs_input_grad):
+            # The backward reads the pools and tables as they were at this call, but a rollout
+            # cache's commits rewrite them in place (self-forcing runs the backward after the
+            # later chunks are committed): keep a copy, so the gradients are this forward's.
+            k_pool, v_pool, slot_valid = k_pool.clone(), v_pool.clone(), slot_valid.clone()
+            visit_slots, visit_count = visit_slots.clone(), visit_count.clone()
         ctx.save_for_backward(q, k_cur, v_cur, cur_valid, k_pool, v_pool, slot_valid, visit_slots,
                               visit_count, o, lse)
         ctx.spec, ctx.config, ctx.scale = spec, config, scale

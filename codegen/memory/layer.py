@@ -43,3 +43,10 @@ class _Layer:
         self.slot_block.scatter_(2, dropped, -1)
         self.slot_valid.scatter_(2, dropped, 0)
         self.slot_score.scatter_(2, dropped, 0.0)
+
+    def written_in_place(self) -> list[torch.Tensor]:
+        """Every tensor a commit may write in place (the GPU commit's kernels bump their
+        version counters through this list, as torch's own in-place ops do)."""
+        return [self.k_pool, self.v_pool, self.k_rep, self.slot_valid, self.slot_block,
+                self.slot_score, self.free_list, self.sink_slots, self.persistent_slots,
+                self.persistent_count, self.window_slots]

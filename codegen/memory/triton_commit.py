@@ -101,6 +101,10 @@ class _TritonCommit:
             self.write.launch(L, plan, k, v, self.cur_valid, L.n_free, m, kept_old,
                               s.chunk_start_frame(plan.step) * cache.nb)
             L.n_free -= m
+        # the kernels wrote these in place behind autograd's back: say so, as torch's own
+        # in-place ops do, so that anything saved from them fails loudly instead of reading
+        # the new contents (and trusted tables of the previous step stop being trusted)
+        torch.autograd.graph.increment_version(L.written_in_place())
 
 
 class _ChunkWriter:
