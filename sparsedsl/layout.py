@@ -8,6 +8,7 @@ instead of a per-token table.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -127,22 +128,19 @@ class VideoLayout:
         if x.shape[-2] != expected:
             raise ValueError(f"x.shape[-2] = {x.shape[-2]} but {frames} frames of "
                              f"{self.height}x{self.width} tokens need {expected}")
-        index = self.tile_major_index(frames).to(x.device)
-        real = index >= 0
-        out = x.new_zeros(*x.shape[:-2], index.numel(), x.shape[-1])
-        out[..., real, :] = x[..., index[real], :]
-        return out
+        slots, tokens = _permutation(self, frames, x.device)
+        out = x.new_zeros(*x.shape[:-2], frames * self.blocks_per_frame * self.block_tokens,
+                          x.shape[-1])
+        return out.index_copy(-2, slots, x.index_select(-2, tokens))
 
     def from_tile_major(self, y: torch.Tensor, frames: int) -> torch.Tensor:
         """Inverse of `to_tile_major`: drops the padding slots."""
-        index = self.tile_major_index(frames).to(y.device)
-        if y.shape[-2] != index.numel():
+        slots_per_frames = frames * self.blocks_per_frame * self.block_tokens
+        if y.shape[-2] != slots_per_frames:
             raise ValueError(f"y.shape[-2] = {y.shape[-2]} but {frames} frames need "
-                             f"{index.numel()} tile-major slots")
-        real = index >= 0
-        out = y.new_empty(*y.shape[:-2], frames * self.tokens_per_frame, y.shape[-1])
-        out[..., index[real], :] = y[..., real, :]
-        return out
+                             f"{slots_per_frames} tile-major slots")
+        slot_of_token = _inverse_permutation(self, frames, y.device)
+        return y.index_select(-2, slot_of_token)
 
     def valid_token_mask(self, frames: int) -> torch.Tensor:
         """Bool [frames*blocks*BT]: True on real tokens of the tile-major layout."""
@@ -151,3 +149,24 @@ class VideoLayout:
     def __str__(self) -> str:
         return (f"VideoLayout({self.height}x{self.width} tokens, tile {self.th}x{self.tw} -> "
                 f"{self.tiles_h}x{self.tiles_w} blocks/frame, {self.chunk_frames} frames/chunk)")
+
+
+# The permutation as device index tensors, built once per (layout, frames, device): the model
+# calls to/from_tile_major four times per layer and pass, and a boolean mask or a host tensor
+# there would make every call wait for the GPU (a nonzero or a pageable copy).
+@functools.lru_cache(maxsize=64)
+def _permutation(layout: VideoLayout, frames: int, device: torch.device):
+    """(tile-major slots holding real tokens, the raster token in each), long, on `device`."""
+    index = layout.tile_major_index(frames)
+    slots = (index >= 0).nonzero()[:, 0]
+    return slots.to(device), index[slots].to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _inverse_permutation(layout: VideoLayout, frames: int, device: torch.device):
+    """For each raster token, its tile-major slot, long, on `device`."""
+    index = layout.tile_major_index(frames)
+    slots = (index >= 0).nonzero()[:, 0]
+    inverse = torch.empty(frames * layout.tokens_per_frame, dtype=torch.long)
+    inverse[index[slots]] = slots
+    return inverse.to(device)
