@@ -34,9 +34,14 @@ def _pow2_at_least(x: int, floor: int) -> int:
 
 
 # The dense path runs on CUDA through SDPA's flash / memory-efficient ops. Every new GPU path
-# is checked on a GPU against the float64 reference before it is on by default: set this to
-# True once `pytest -m gpu tests/test_dense_step.py` has passed on one (CPU: checked, on).
-DENSE_PATH_CHECKED_ON_CUDA = True   # H200, 2026-12-02: 8 passed
+# is checked on a GPU against the float64 reference before it is on by default
+# (`pytest -m gpu tests/test_dense_step.py`: 8 passed on an H200, 2026-12-02).
+DENSE_PATH_CHECKED_ON_CUDA = True
+# ... and it is taken on CUDA only where it measured faster than the sparse kernels at the same
+# steps (bench/rollout.py on an H200, docs/benchmarks.md): with 128-token padded blocks
+# (0.62 vs 0.80 ms at step 0, 1.87 vs 2.32 at sink-window's step 2), not with 64-token blocks,
+# whose Gluon kernel beat it (0.44 vs 0.62 ms at step 0, 1.32 vs 1.84 at step 2).
+DENSE_PATH_MIN_BLOCK_TOKENS_CUDA = 128
 # static visit tables kept for reuse across a chunk's passes (a few per layer of a model)
 STATIC_VISITS_KEPT = 64
 
@@ -71,7 +76,9 @@ class PBSAProgram:
         'sparse'."""
         on = self.dense_path
         if on is None:
-            on = torch.device(device).type != "cuda" or DENSE_PATH_CHECKED_ON_CUDA
+            on = torch.device(device).type != "cuda" or (
+                DENSE_PATH_CHECKED_ON_CUDA
+                and self.kernel_block_tokens >= DENSE_PATH_MIN_BLOCK_TOKENS_CUDA)
         return "dense" if on and self.schedule.dense_at(step) else "sparse"
 
     def chunk_real_index(self, device) -> torch.Tensor:

@@ -182,3 +182,20 @@ def test_dense_path_on_cuda_equals_the_reference_and_the_kernels(name, dtype):
                                    rtol=10 * tol, atol=10 * tol)
         for got, ref in zip(d[3:], s[3:]):
             assert (got - ref).double().norm() <= 10 * tol * ref.double().norm() + 1e-6
+
+
+@pytest.mark.parametrize("tile, cuda_path", [((8, 8), "sparse"), ((8, 16), "dense"), ((4, 4), "sparse")])
+def test_on_cuda_the_dense_path_is_taken_only_where_it_measured_faster(tile, cuda_path):
+    """At a dense_at step the CPU always runs the dense path; on CUDA only with blocks of at
+    least DENSE_PATH_MIN_BLOCK_TOKENS_CUDA tokens (128: the generic kernel, slower there than
+    SDPA; 64-token blocks run the Gluon kernel, which measured faster than the dense path)."""
+    layout = sd.VideoLayout(16, 16, tile, 3)
+    schedule = sd.lower(sd.presets.get("sink-window", layout=layout, frames=6), num_heads=2,
+                        head_dim=16, dtype="bfloat16")
+    program = PBSAProgram(schedule, backend="triton")
+    assert schedule.dense_at(0) and not schedule.dense_at(5)
+    assert program.path_at(0, "cpu") == "dense"
+    assert program.path_at(0, "cuda") == cuda_path
+    assert program.path_at(5, "cuda") == "sparse"
+    program.dense_path = True                 # forced on: taken wherever dense_at says so
+    assert program.path_at(0, "cuda") == "dense"
