@@ -135,6 +135,7 @@ class GenerationResult:
     source: str                         # "noise" | "world seed S" | "video FILE"
     notes: list = field(default_factory=list)
     memory: list = field(default_factory=list)   # a pattern's MemorySnapshot after each chunk (layer 0)
+    revisits: list = field(default_factory=list)  # (sprite, left, back) of a world's returns in range
 
     @property
     def horizon_multiple(self) -> float:
@@ -168,6 +169,8 @@ class GenerationResult:
             "cache_bounded": self.cache_bounded,
             "cache_bytes": self.cache_bytes,
             "truth_frames": 0 if self.truth is None else len(self.truth),
+            "revisits": [list(r) for r in self.revisits],
+            "revisit_memory": revisit_memory(self) if self.memory else [],
             "notes": self.notes,
         }
 
@@ -388,7 +391,37 @@ def generate(model, cfg: Config, pattern="dense", frames: int = DEFAULT_FRAMES,
         pattern=_name(backend),
         config=cfg.name, device=str(device), batch=batch, frames=frames, prefix_frames=P,
         chunk_frames=c, horizon_frames=cfg.video.frames, seed=seed, source=source,
-        notes=notes, memory=memory)
+        notes=notes, memory=memory,
+        revisits=_world_revisits(cfg, world_seed, P, frames) if P and world_seed is not None else [])
+
+
+def _world_revisits(cfg: Config, world_seed: int, P: int, N: int) -> list:
+    """(sprite, left, back) for every sprite of the world that leaves the view and comes back
+    in a generated frame (back >= P): the world's metadata only, no pixels."""
+    from .world import revisits
+    found = revisits(world_seed, 0, P + N, cfg.video, cfg.world)
+    return sorted((sprite, left, back) for sprite, pairs in found.items()
+                  for left, back in pairs if back >= P)
+
+
+def revisit_memory(result: "GenerationResult") -> list[dict]:
+    """Where the last frame that showed each returning sprite was, in the memory that the
+    chunk bringing it back attended to: "sink", "window", "persistent" (with how many of
+    its blocks were kept, mean over KV heads) or "dropped". Needs a pattern's memory."""
+    c, P = result.chunk_frames, result.prefix_frames
+    rows = []
+    for sprite, left, back in result.revisits:
+        chunk = (back - P) // c
+        if chunk < 1 or chunk > len(result.memory):   # the memory before chunk 0 is the prefill's
+            continue
+        snap, last_seen = result.memory[chunk - 1], left - 1
+        held = snap.frame_counts(0).get(last_seen, 0.0)
+        where = ("sink" if snap.sink[0] <= last_seen < snap.sink[1] else
+                 "window" if snap.window[0] <= last_seen < snap.window[1] else
+                 "persistent" if held > 0 else "dropped")
+        rows.append({"sprite": sprite, "left": left, "back": back, "last_seen_frame": last_seen,
+                     "picture_x": chunk - 1, "where": where, "blocks_kept": round(held, 2)})
+    return rows
 
 
 # =========================================================================================
@@ -485,9 +518,14 @@ def write_outputs(result: GenerationResult, out_dir: Union[str, Path], fps: floa
         skipped = f"note: no MP4 written ({e})"
     if result.memory:    # a pattern's persistent memory over the run, as explain --rollout draws it
         from codegen.memory.memory_picture import draw_memory
-        written.append(draw_memory(result.memory, out / "memory.png",
+        returns = revisit_memory(result)   # ring the last frame that showed a returning sprite
+        marks = [(r["picture_x"], r["last_seen_frame"], f"sprite {r['sprite']} back at {r['back']}")
+                 for r in returns]
+        written.append(draw_memory(result.memory, out / "memory.png", marks=marks,
                                    title=f"{result.pattern}: persistent memory while generating "
-                                         f"{result.frames} frames ({result.source})"))
+                                         f"{result.frames} frames ({result.source})"
+                                         + ("; o = last frame showing a sprite that comes back, "
+                                            "at the chunk it returns in" if marks else "")))
     if not quiet:
         print(summary(result))
         by_horizon = psnr_by_horizon(result)

@@ -259,6 +259,29 @@ def test_a_patterns_memory_is_recorded_per_chunk_and_drawn(model, tmp_path, caps
     assert dense.memory == []
 
 
+def test_revisits_are_marked_where_the_memory_held_the_last_frame_that_showed_them(model):
+    """World 0's sprites leave the view and come back in the generated range; for each return,
+    where the last frame that showed the sprite was in the memory of the chunk bringing it
+    back follows from the pattern's own sink (1 frame) and window (3 frames at tiny)."""
+    from models.world import revisits
+    r = run(model, pattern="sparse-forcing", frames=6 * C, prefix_frames=C, world_seed=0)
+    truth = revisits(0, 0, 7 * C, CFG.video, CFG.world)
+    want = sorted((s, left, back) for s, pairs in truth.items() for left, back in pairs if back >= C)
+    assert r.revisits == want and len(want) >= 3
+    rows = gen.revisit_memory(r)
+    window = CFG.attention.presets["sparse-forcing"]["window_frames"]
+    scored = [(s, left, back) for s, left, back in want if (back - C) // C >= 1]
+    assert [(x["sprite"], x["left"], x["back"]) for x in rows] == scored
+    for row in rows:
+        start = C + ((row["back"] - C) // C) * C          # first frame of the returning chunk
+        seen = row["left"] - 1
+        expected = ("sink" if seen < 1 else "window" if start - window <= seen < start else
+                    "persistent" if row["blocks_kept"] > 0 else "dropped")
+        assert row["where"] == expected, row
+    assert {x["where"] for x in rows} - {"window"}, rows   # some return after leaving the window
+    assert r.stats()["revisit_memory"] == rows
+
+
 def test_psnr_by_horizon_windows_the_truth():
     frames, _ = render(0, 0, 20, CFG.video, CFG.world)
     r = gen.GenerationResult(

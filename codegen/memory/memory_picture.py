@@ -71,14 +71,16 @@ def simulate_memory(program, steps: int, batch: int = 1, seed: int = 0, device="
 
 
 def draw_memory(snapshots: Sequence[MemorySnapshot], path=None, *, batch: int = 0,
-                title: Optional[str] = None):
+                title: Optional[str] = None, marks: Sequence[tuple[int, int, str]] = ()):
     """Which blocks of which frames are in memory over a rollout, as a PNG at `path`.
 
     x = AR step t (the memory that chunk t attends to), y = frame; a cell is coloured by
     the number of that frame's blocks in the persistent set (mean over KV heads of batch
     element `batch`; exact for shared sets), purple for sink frames, green for window
     frames, light grey for frames that left the window with no block kept, white for
-    frames not generated yet. Returns the path (or the Figure when path is None).
+    frames not generated yet. `marks` (x, frame, label) ring the cells to look at, e.g. at
+    a revisit the last frame that showed the returning content, at the step that brings it
+    back. Returns the path (or the Figure when path is None).
     Needs only the snapshots (plain data) and matplotlib.
     """
     import numpy as np
@@ -119,6 +121,10 @@ def draw_memory(snapshots: Sequence[MemorySnapshot], path=None, *, batch: int = 
     ax = fig.add_axes((0.09, 0.12, 0.74, 0.76))
     ax.imshow(rgba, origin="lower", aspect="auto", interpolation="nearest",
               extent=(-0.5, steps - 0.5, -0.5, n_frames - 0.5))
+    for x, frame, label in marks:
+        ax.plot([x], [frame], marker="o", markersize=9, markerfacecolor="none",
+                markeredgecolor="black", markeredgewidth=1.5)
+        ax.annotate(label, (x, frame), xytext=(4, 4), textcoords="offset points", fontsize=7)
     ax.set_xlabel("AR step t (memory seen by chunk t)")
     ax.set_ylabel("latent frame")
     cax = fig.add_axes((0.86, 0.12, 0.025, 0.76))
@@ -130,7 +136,9 @@ def draw_memory(snapshots: Sequence[MemorySnapshot], path=None, *, batch: int = 
                Patch(facecolor="white", edgecolor="#a0a0a0", label="not generated yet")]
     fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
     last = snapshots[-1]
-    fig.suptitle(title or f"persistent memory over {steps - 1} AR steps\n"
+    import textwrap
+    fig.suptitle(textwrap.fill(title, int(width * 11)) if title else
+                 f"persistent memory over {steps - 1} AR steps\n"
                           f"({last.frames} frames, {nb} blocks/frame; "
                           f"{total_p[-1]:.0f} persistent blocks at the end)", fontsize=10)
     if path is None:

@@ -104,7 +104,7 @@ class SelfForcingStep:
         run.set_lr(self.gen_opt, step, s.lr)
         grad_norm = run.sync_and_step(self.generator, self.gen_opt, dmd_loss)
         return {"dmd_loss": dmd_loss.item(), "fake_loss": fake_loss.item(),
-                "grad_norm": grad_norm, "cache_mib": cache_bytes / 2**20,
+                "grad_norm": float(grad_norm), "cache_mib": cache_bytes / 2**20,
                 "roughness": roughness(x0)}
 
 

@@ -88,14 +88,14 @@ def train_student(cfg, run_dir, teacher, info=None, progress: bool = True,
         for step in range(max(start, s.ar_steps), total):
             idx = run.local_indices(step)
             pick = torch.tensor([i % P for i in idx])
-            clean = video[pick].to(run.device).float()
+            clean = run.to_device(video[pick]).float()
             n_chunks = cfg.video.frames // c
             k = per_sample(run, step, idx, lambda g: torch.randint(len(times), (n_chunks,), generator=g),
                            TIME)
             k = k.repeat_interleave(c, dim=1).cpu()                                   # [b, F]
             noisy = traj[pick[:, None], torch.arange(cfg.video.frames)[None], k]      # [b, F, C, H, W]
-            t = torch.tensor(times)[k].to(run.device)
-            x0_hat = teacher_forced(model, run, clean, noisy.to(run.device).float(), t)
+            t = run.to_device(torch.tensor(times)[k])
+            x0_hat = teacher_forced(model, run, clean, run.to_device(noisy).float(), t)
             loss = torch.mean((x0_hat.float() - clean) ** 2)
             _finish_step(run, bar, speed, model, opt, objects, step, loss, "ode_loss", total)
     bar.close()
