@@ -12,9 +12,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "rollout.py"
 COLUMNS = ["step", "program path", "frames", "visited frames", "visited blocks / query block",
            "real key tokens / query block", "program.attention ms", "kernel alone ms",
-           "visit tables + select ms", "SDPA rolling 21 ms", "SDPA all frames ms",
-           "SDPA visited frames ms", "Flex prebuilt mask ms", "Flex mask rebuilt ms",
-           "speedup vs SDPA rolling 21", "slower than SDPA on visited frames"]
+           "visit tables + select ms", "program.attention as a CUDA graph ms", "SDPA rolling 21 ms",
+           "SDPA all frames ms", "SDPA visited frames ms", "Flex prebuilt mask ms",
+           "Flex mask rebuilt ms", "speedup vs SDPA rolling 21", "slower than SDPA on visited frames"]
 TIMED = ["program.attention ms", "kernel alone ms", "visit tables + select ms",
          "SDPA rolling 21 ms", "SDPA all frames ms", "SDPA visited frames ms",
          "Flex prebuilt mask ms", "Flex mask rebuilt ms"]
@@ -54,6 +54,7 @@ def test_tiny_rollout_prints_a_row_per_timed_step(tmp_path):
             for column in TIMED:   # eager Flex and every other alternative ran
                 assert float(row[column]) > 0, (title, column, row[column])
             assert row["slower than SDPA on visited frames"] in ("no", "**yes**")
+            assert row["program.attention as a CUDA graph ms"] == "n/a (CPU)"   # GPU only
     assert "command: `PYTHONPATH=. python bench/rollout.py --tiny --out" in result.stdout
     assert tables(out_md.read_text()) == found          # --out appends the same tables
     assert (tmp_path / "rollout.png").stat().st_size > 0   # the plot goes to $OUT by default
