@@ -19,3 +19,18 @@ def test_example_runs(script, args, expect, tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert expect in done.stdout
+
+
+def test_the_pattern_file_example_compiles_at_the_models_geometry():
+    """examples/sparse_forcing_accumulated.py is a `--pattern` file: the model re-lays it out
+    at its own token grid and compiles it, keeping its accumulated update score."""
+    import torch
+
+    from models.attention import make_backend
+    from models.config import load_config
+    cfg = load_config("tiny")
+    backend = make_backend(cfg, str(ROOT / "examples" / "sparse_forcing_accumulated.py"))
+    assert backend.name == "sparse-forcing-accumulated"
+    assert "0.95*previous" in str(backend.pattern.update)
+    assert backend.pattern.layout.height == cfg.tokens_h and backend.program.schedule.capacity == 16
+    assert backend.new_cache(1, "cpu", torch.float32).nbytes() > 0
