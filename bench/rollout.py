@@ -424,8 +424,8 @@ def rollout(preset: str, tile: tuple[int, int], geo: Geometry, args, timed: set[
 # --- report -------------------------------------------------------------------------------------
 COLUMNS = ("step", "program path", "frames", "visited frames", "visited blocks / query block",
            "real key tokens / query block", "program.attention ms", "kernel alone ms",
-           "visit tables + select ms", "program.attention as a CUDA graph ms", "SDPA rolling 21 ms", "SDPA all frames ms",
-           "SDPA visited frames ms", "Flex prebuilt mask ms", "Flex mask rebuilt ms",
+           "visit tables + select ms", "program.attention as a CUDA graph ms",
+           "SDPA rolling 21 ms", "SDPA all frames ms", "SDPA visited frames ms", "Flex prebuilt mask ms", "Flex mask rebuilt ms",
            "speedup vs SDPA rolling 21", "slower than SDPA on visited frames")
 
 
@@ -465,8 +465,8 @@ def table(result: Result, geo: Geometry, command: str) -> str:
     for r in result.rows:
         values = [str(r.step), r.path, str(r.frames), str(r.visited_frames),
                   f"{r.visited_blocks:.0f}", f"{r.visited_tokens:.0f}", cell(r.program),
-                  cell(r.kernel), cell(r.tables), cell(r.graphed), cell(r.sdpa_rolling), cell(r.sdpa_all),
-                  cell(r.sdpa_visited), cell(r.flex_prebuilt), cell(r.flex_rebuilt), speedup(r),
+                  cell(r.kernel), cell(r.tables), cell(r.graphed), cell(r.sdpa_rolling),
+                  cell(r.sdpa_all), cell(r.sdpa_visited), cell(r.flex_prebuilt), cell(r.flex_rebuilt), speedup(r),
                   slower_than_dense(r)]
         lines.append("| " + " | ".join(values) + " |")
     slower = [str(r.step) for r in result.rows if slower_than_dense(r) == "**yes**"]

@@ -415,12 +415,10 @@ def revisit_memory(result: "GenerationResult") -> list[dict]:
         if chunk < 1 or chunk > len(result.memory):   # the memory before chunk 0 is the prefill's
             continue
         snap, last_seen = result.memory[chunk - 1], left - 1
-        held = snap.frame_counts(0).get(last_seen, 0.0)
-        where = ("sink" if snap.sink[0] <= last_seen < snap.sink[1] else
-                 "window" if snap.window[0] <= last_seen < snap.window[1] else
-                 "persistent" if held > 0 else "dropped")
+        counts = snap.frame_counts(0)
         rows.append({"sprite": sprite, "left": left, "back": back, "last_seen_frame": last_seen,
-                     "picture_x": chunk - 1, "where": where, "blocks_kept": round(held, 2)})
+                     "picture_x": chunk - 1, "where": snap.place(last_seen, counts),
+                     "blocks_kept": round(counts.get(last_seen, 0.0), 2)})
     return rows
 
 

@@ -129,18 +129,15 @@ class VideoLayout:
             raise ValueError(f"x.shape[-2] = {x.shape[-2]} but {frames} frames of "
                              f"{self.height}x{self.width} tokens need {expected}")
         slots, tokens = _permutation(self, frames, x.device)
-        out = x.new_zeros(*x.shape[:-2], frames * self.blocks_per_frame * self.block_tokens,
-                          x.shape[-1])
+        out = x.new_zeros(*x.shape[:-2], frames * self.padded_tokens_per_frame, x.shape[-1])
         return out.index_copy(-2, slots, x.index_select(-2, tokens))
 
     def from_tile_major(self, y: torch.Tensor, frames: int) -> torch.Tensor:
         """Inverse of `to_tile_major`: drops the padding slots."""
-        slots_per_frames = frames * self.blocks_per_frame * self.block_tokens
-        if y.shape[-2] != slots_per_frames:
+        if y.shape[-2] != frames * self.padded_tokens_per_frame:
             raise ValueError(f"y.shape[-2] = {y.shape[-2]} but {frames} frames need "
-                             f"{slots_per_frames} tile-major slots")
-        slot_of_token = _inverse_permutation(self, frames, y.device)
-        return y.index_select(-2, slot_of_token)
+                             f"{frames * self.padded_tokens_per_frame} tile-major slots")
+        return y.index_select(-2, _inverse_permutation(self, frames, y.device))
 
     def valid_token_mask(self, frames: int) -> torch.Tensor:
         """Bool [frames*blocks*BT]: True on real tokens of the tile-major layout."""
@@ -165,8 +162,7 @@ def _permutation(layout: VideoLayout, frames: int, device: torch.device):
 @functools.lru_cache(maxsize=64)
 def _inverse_permutation(layout: VideoLayout, frames: int, device: torch.device):
     """For each raster token, its tile-major slot, long, on `device`."""
-    index = layout.tile_major_index(frames)
-    slots = (index >= 0).nonzero()[:, 0]
+    slots, tokens = _permutation(layout, frames, torch.device("cpu"))
     inverse = torch.empty(frames * layout.tokens_per_frame, dtype=torch.long)
-    inverse[index[slots]] = slots
+    inverse[tokens] = slots
     return inverse.to(device)

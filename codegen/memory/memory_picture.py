@@ -1,6 +1,7 @@
 """What a rollout cache holds over time: snapshots, a simulated rollout and its picture."""
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -34,6 +35,17 @@ class MemorySnapshot:
                 f = block // self.blocks_per_frame
                 counts[f] = counts.get(f, 0.0) + 1.0 / len(keys)
         return counts
+
+    def place(self, frame: int, counts: Optional[dict] = None) -> str:
+        """Where `frame` is in this memory: "sink", "window", "persistent" (some of its
+        blocks kept) or "dropped". `counts`: `frame_counts(b)`, for callers that ask about
+        many frames (default: batch element 0)."""
+        if self.sink[0] <= frame < self.sink[1]:
+            return "sink"
+        if self.window[0] <= frame < self.window[1]:
+            return "window"
+        counts = self.frame_counts() if counts is None else counts
+        return "persistent" if counts.get(frame, 0.0) > 0 else "dropped"
 
 
 # ==================================================================================
@@ -106,15 +118,12 @@ def draw_memory(snapshots: Sequence[MemorySnapshot], path=None, *, batch: int = 
         fc = sn.frame_counts(batch)
         total_p.append(sum(fc.values()))
         for f in range(sn.frames):
-            if sn.sink[0] <= f < sn.sink[1]:
-                rgba[f, x] = sink_c
-            elif sn.window[0] <= f < sn.window[1]:
-                rgba[f, x] = win_c
-            elif fc.get(f, 0.0) > 0:
+            place = sn.place(f, fc)
+            if place == "persistent":
                 counts[f, x] = fc[f]
                 rgba[f, x] = cmap(norm(fc[f]))
             else:
-                rgba[f, x] = gone_c
+                rgba[f, x] = {"sink": sink_c, "window": win_c, "dropped": gone_c}[place]
     height = min(12.0, max(4.0, n_frames * 0.06 + 2.5))
     width = min(16.0, max(8.0, steps * 0.08 + 3.0))
     fig = Figure(figsize=(width, height), dpi=120)
@@ -136,7 +145,6 @@ def draw_memory(snapshots: Sequence[MemorySnapshot], path=None, *, batch: int = 
                Patch(facecolor="white", edgecolor="#a0a0a0", label="not generated yet")]
     fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
     last = snapshots[-1]
-    import textwrap
     fig.suptitle(textwrap.fill(title, int(width * 11)) if title else
                  f"persistent memory over {steps - 1} AR steps\n"
                           f"({last.frames} frames, {nb} blocks/frame; "
