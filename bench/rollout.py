@@ -28,16 +28,20 @@ Times are `triton.testing.do_bench` means (warm-up 25 ms, 100 ms of repetitions)
 table also gives the frames so far, the frames visited, the blocks and real key tokens each
 query block visits (the chunk's own included), the speedup over SDPA on the rolling 21 frames,
 and whether program.attention is slower than dense SDPA over the frames it visits, and which
-path program.attention took ("dense": the steps where it runs as one SDPA call, where the
-program has PBSAProgram.path_at; else "sparse", the kernels of rows 2 and 3).
+path program.attention took ("dense": the steps where it runs as one SDPA call over the
+visited frames, PBSAProgram.path_at; else "sparse", the kernels of rows 2 and 3).
 
-Run time on one H200, cold caches, default arguments: about 6 minutes (an estimate, not yet
-measured; 8 at most): ~100 s of timing (8 configurations x 9 steps x ~8 do_bench calls of
-~0.15 s, SDPA over 240 frames ~0.3 s), ~2.5 min compiling Flex (one Inductor kernel per tile
-and timed step, shared by the presets), ~1 min compiling the program's Triton kernels, and
-start-up, random chunks and commits (640, a few ms each). `--presets all` adds dense-causal and
-sliding-window (~9 min). The largest step (79, 8x16 tiles) holds ~1.5 GB per tensor of keys
-for Flex and ~1.2 GB for SDPA; well inside the GPU's memory.
+Run time on one H200 (measured 2026-12-02): sparse-forcing, sliding-tile and sink-window at
+both tiles took most of a 575-second call; moba's cost grows with the history (its window is
+the whole past: program.attention took 0.74 / 3.3 / 6.5 ms at steps 4 / 10 / 20 without
+Flex) and it did not finish inside a call: time it alone (`--presets moba --tiles 8x8
+--no-flex`). The largest step (79, 8x16 tiles) holds ~1.5 GB per tensor of keys for Flex and
+~1.2 GB for SDPA; well inside the GPU's memory.
+
+`--dense-path on|off` forces the dense path (one SDPA over the visited frames at the steps
+`Schedule.frames_at` names) on or off instead of `PBSAProgram.path_at`'s choice, and
+`--dense-sdpa flash|cudnn` picks its SDPA kernel on CUDA, so both can be timed against the
+block kernels in one run.
 
 Prints one markdown table per (preset, tile) with the device, the date, the torch / triton
 versions and the command; `--out FILE` appends them to FILE; a PNG of ms vs step goes to
@@ -63,6 +67,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsedsl as sd
+from codegen.attention import dense_step
 from codegen.attention.autograd import pbsa_attention
 from codegen.flex_export import visit_block_matrix
 from codegen.program import PBSAProgram
@@ -399,6 +404,7 @@ def rollout(preset: str, tile: tuple[int, int], geo: Geometry, args, timed: set[
     """Commit a random chunk at every step; time the steps in `timed` before committing them."""
     layout = sd.VideoLayout(geo.height, geo.width, tile, geo.chunk_frames)
     program = make_program(preset, layout, geo, args.tiny)
+    program.dense_path = {"auto": None, "on": True, "off": False}[args.dense_path]
     cache = program.new_cache(batch=1, num_layers=1, device=geo.device, dtype=geo.dtype)
     history = History(layout)
     gen = torch.Generator(device=geo.device).manual_seed(args.seed)   # same data for every preset
@@ -571,6 +577,12 @@ def parse_args(argv) -> argparse.Namespace:
     when.add_argument("--step-every", type=positive_int, default=None, metavar="N",
                       help="time steps 0, N, 2N, ... and the last (every chunk is committed)")
     p.add_argument("--no-flex", action="store_true", help="skip the FlexAttention columns")
+    p.add_argument("--dense-path", choices=("auto", "on", "off"), default="auto",
+                   help="the dense path at frames_at steps: auto (PBSAProgram.path_at's choice), "
+                        "on (wherever frames_at names frames), off (always the block kernels)")
+    p.add_argument("--dense-sdpa", choices=("flash", "cudnn"), default=None,
+                   help="the dense path's SDPA kernel on CUDA (default: "
+                        "codegen.attention.dense_step.DENSE_PATH_SDPA_CUDA)")
     p.add_argument("--warmup", type=positive_int, default=25, help="do_bench warm-up ms (25)")
     p.add_argument("--rep", type=positive_int, default=100, help="do_bench repetition ms (100)")
     p.add_argument("--seed", type=int, default=0)
@@ -645,6 +657,8 @@ def main(argv=None) -> int:
     if args.tiny:   # eager Flex is the point of the smoke test: no need to say it is slow
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
     steps = set(timed_steps(args))
+    if args.dense_sdpa is not None:
+        dense_step.DENSE_PATH_SDPA_CUDA = args.dense_sdpa
     command = command_line(argv)
     results, tables = [], []
     with torch.no_grad():   # forward timings: no autograd graph around the calls

@@ -65,8 +65,8 @@ class PBSAProgram:
                                            dtype=torch.int32)
         self._device_constants: dict = {}
         self._static_visit_memo: dict = {}   # see _static_visits
-        # steps where every query block visits every earlier block run as dense SDPA
-        # (Schedule.dense_at; codegen/attention/dense_step.py). None: wherever that path has
+        # steps where every query block visits the same earlier frames whole run as dense SDPA
+        # over them (Schedule.frames_at; codegen/attention/dense_step.py). None: wherever that path has
         # been checked against the float64 reference (see DENSE_PATH_CHECKED_ON_CUDA);
         # True / False: always / never.
         self.dense_path: Optional[bool] = None
@@ -79,7 +79,7 @@ class PBSAProgram:
             on = torch.device(device).type != "cuda" or (
                 DENSE_PATH_CHECKED_ON_CUDA
                 and self.kernel_block_tokens >= DENSE_PATH_MIN_BLOCK_TOKENS_CUDA)
-        return "dense" if on and self.schedule.dense_at(step) else "sparse"
+        return "dense" if on and self.schedule.frames_at(step) is not None else "sparse"
 
     def chunk_real_index(self, device) -> torch.Tensor:
         """Positions of the chunk's real tokens in the tile-major layout, long, on `device`."""
@@ -288,12 +288,14 @@ class PBSAProgram:
         (`cache.tables(layer)`, consistent by construction), so the path users take pays no
         sync. Wrong argument types raise ValueError naming what was expected.
 
-        At a step where every query block visits every earlier block (`path_at(step) ==
-        "dense"`: step 0, and the first steps of patterns whose window is visited whole) the
-        step runs as one fused SDPA over the real tokens of all frames so far: the same
+        At a step where every query block visits the same earlier frames whole
+        (`Schedule.frames_at`; `path_at(step) == "dense"`: step 0, every step of a sink +
+        window pattern, the first steps of one whose persistent set still holds every evicted
+        block) the step runs as one fused SDPA over the real tokens of those frames: the same
         attention, without the tables, the selection or the block kernel
         (codegen/attention/dense_step.py; `return_visits=True` or `self.dense_path = False`
-        keep the sparse kernels; on CUDA it waits for its GPU check, DENSE_PATH_CHECKED_ON_CUDA).
+        keep the sparse kernels; on CUDA see DENSE_PATH_CHECKED_ON_CUDA and
+        DENSE_PATH_MIN_BLOCK_TOKENS_CUDA).
         """
         from .attention.autograd import pbsa_attention
         from .memory.rollout_cache import check_tables

@@ -42,12 +42,13 @@ def _ranges(steps: list[int]) -> str:
 
 
 def _dense_path_line(schedule: Schedule, horizons: dict[str, int]) -> str:
-    """Which steps every query block visits every earlier block: a backend runs them as one
-    dense SDPA (the same attention, without the sparse machinery)."""
+    """The steps at which every query block visits the same earlier frames whole: a backend
+    runs them as one dense SDPA over those frames (the same attention, without the sparse
+    machinery)."""
     steps = schedule.shapes.steps(max(horizons.values())) if horizons else 1
-    dense = schedule.dense_steps(steps)
-    return (f"dense path (every earlier block visited: one fused SDPA, same result): steps "
-            f"{_ranges(dense)} of {steps}")
+    dense = schedule.whole_frame_steps(steps)
+    return (f"dense path (the same whole frames visited by every query block: one fused SDPA "
+            f"over them, same result): steps {_ranges(dense)} of {steps}")
 
 
 def explain(schedule: Schedule, horizons: dict[str, int] | None = None, graph: bool = True) -> str:

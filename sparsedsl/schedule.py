@@ -198,6 +198,24 @@ class Schedule:
         """The steps in [0, horizon_steps) that `dense_at` marks."""
         return [t for t in range(horizon_steps) if self.dense_at(t)]
 
+    def frames_at(self, step: int) -> Optional[tuple[int, ...]]:
+        """The earlier frames that every query block visits whole at `step`, when that is all it
+        visits of them; None when the visits depend on the query block or on runtime state.
+
+        A superset of `dense_at` (there the frames are all of [0, step * chunk_frames)): a
+        sink + window pattern without a persistent set visits its sink and window frames
+        whole at every step, after frames have left the window too. Such a step is dense
+        attention over those frames (with the current rule inside the chunk), which a backend
+        may run as one fused SDPA over their tokens. Exact, from the schedule alone: the
+        window is covered whole by its static part and the Top-K (which then takes every
+        candidate), and the persistent set is either absent or holds every block that has
+        left the window; memoised."""
+        return _frames_at(self, step)
+
+    def whole_frame_steps(self, horizon_steps: int) -> list[int]:
+        """The steps in [0, horizon_steps) where `frames_at` names the visited frames."""
+        return [t for t in range(horizon_steps) if self.frames_at(t) is not None]
+
     def describe(self) -> str:
         w = self.window
         lines = [f"schedule {self.key} for '{self.pattern_name}'",
@@ -228,6 +246,25 @@ def _dense_at(schedule: Schedule, step: int) -> bool:
         if sink_frames * nb + evicted + static + schedule.topk_count(step, qb) != earlier:
             return False
     return True
+
+
+@lru_cache(maxsize=4096)
+def _frames_at(schedule: Schedule, step: int) -> Optional[tuple[int, ...]]:
+    nb = schedule.blocks_per_frame
+    sink_frames = min(schedule.sink_frames, step * schedule.chunk_frames)
+    left = schedule.frames_left_window(step)          # frames between the sink and the window
+    if schedule.capacity and schedule.capacity < left * nb:
+        return None                                   # the persistent set holds some of them
+    held = left if schedule.capacity else 0
+    window_blocks = schedule.window_block_count(step)
+    split = schedule.window.split
+    for qb in range(schedule.layout.chunk_blocks):
+        static = 0 if (split.mode == "intersection" and schedule.window.has_topk) \
+            else len(schedule.static_window_blocks(step, qb))
+        if static + schedule.topk_count(step, qb) != window_blocks:
+            return None                               # the window is not visited whole
+    start, end = schedule.window_frames_range(step)
+    return tuple(range(sink_frames + held)) + tuple(range(start, end))
 
 
 def dtype_bytes(dtype: str) -> int:

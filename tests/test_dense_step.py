@@ -1,7 +1,8 @@
 """The dense path: `Schedule.dense_at` marks exactly the steps where every query block visits
-every earlier block (checked against the float64 reference's block mask), and at those steps
-`program.attention` (one fused SDPA) equals the sparse kernels and the float64 reference,
-outputs, log-sum-exp and gradients."""
+every earlier block, `Schedule.frames_at` the steps where every query block visits the same
+earlier frames whole (both checked against the float64 reference's block mask), and at the
+latter `program.attention` (one fused SDPA over those frames) equals the sparse kernels and
+the float64 reference, outputs, log-sum-exp and gradients."""
 from __future__ import annotations
 
 import pytest
@@ -42,6 +43,59 @@ def test_dense_at_is_exactly_every_earlier_block_visited(case):
     assert schedule.dense_at(0)                                  # nothing earlier: always
 
 
+def _check_frames_at(schedule, chunks, batch):
+    """Where `frames_at` names frames, every (batch, head, query block) visits exactly the
+    blocks of those frames among the earlier ones. Where it does not, and the visits cannot
+    depend on runtime state (no Top-K, no persistent set), they are not such a set.
+    Returns the number of steps named after frames had left the window."""
+    nb = schedule.blocks_per_frame
+    state = reference.new_state(schedule, batch)
+    after_eviction = 0
+    for step, (q, k, v) in enumerate(chunks):
+        mask = reference.allowed_blocks(schedule, state, q)       # [B, H, NQB, keys]
+        earlier = mask[..., :step * schedule.layout.chunk_blocks]
+        frames = schedule.frames_at(step)
+        if frames is not None:
+            want = torch.zeros(earlier.shape[-1], dtype=torch.bool)
+            for f in frames:
+                want[f * nb:(f + 1) * nb] = True
+            assert bool((earlier == want).all()), (step, frames)
+            assert schedule.dense_at(step) == (frames == tuple(range(step * schedule.chunk_frames)))
+            after_eviction += schedule.frames_left_window(step) > 0
+        elif not schedule.window.has_topk and not schedule.capacity:
+            per_frame = earlier.reshape(*earlier.shape[:-1], -1, nb)
+            whole = per_frame.all(-1) | ~per_frame.any(-1)
+            uniform = (earlier == earlier.reshape(-1, earlier.shape[-1])[0]).all()
+            assert not (bool(whole.all()) and bool(uniform)), step
+        state = reference.commit(schedule, state, q, k, v)
+    assert schedule.frames_at(0) == ()
+    return after_eviction
+
+
+@settings(max_examples=40, deadline=None)
+@given(rollouts(steps=5))
+def test_frames_at_names_exactly_the_frames_every_query_block_visits_whole(case):
+    _check_frames_at(case.schedule, case.chunks, case.batch)
+
+
+@pytest.mark.parametrize("name, options", [("sink-window", dict(frames=4)),
+                                           ("sliding-window", dict(frames=2)),
+                                           ("sparse-forcing", dict(capacity=8, window_frames=2))])
+def test_frames_at_after_frames_leave_the_window(name, options):
+    """Steps after frames have left the window: a sink + window pattern (past `dense_at`:
+    the sink and the window, not the frames between), and a persistent set that still holds
+    every block that left (capacity 8: one frame of 6 blocks)."""
+    if name == "sparse-forcing":   # a whole window: the Top-K takes every candidate
+        pattern = sd.Pattern(LAYOUT, sink=sd.Sink(1), persistent=sd.Persistent(8),
+                             window=sd.LocalWindow(2, sd.All()), current=sd.Dense(),
+                             update=sd.Update(sd.stat.importance))
+    else:
+        pattern = sd.presets.get(name, layout=LAYOUT, **options)
+    schedule = sd.lower(pattern, num_heads=2, num_kv_heads=1, head_dim=8, dtype="float32")
+    chunks = chunk_tensors(schedule, 2, seed=1, steps=6)
+    assert _check_frames_at(schedule, chunks, 2) >= (1 if schedule.capacity else 3)
+
+
 def _rollout(program, chunks, dense_path: bool):
     """Outputs, LSEs and input gradients of every step (inputs as leaves)."""
     program.dense_path = dense_path
@@ -69,7 +123,8 @@ def test_dense_path_equals_the_sparse_kernels_and_the_reference(name):
     dense = _rollout(program, chunks, dense_path=True)
     sparse = _rollout(program, chunks, dense_path=False)
     paths = [r[0] for r in dense]
-    assert paths == ["dense" if schedule.dense_at(t) else "sparse" for t in range(steps)]
+    assert paths == ["dense" if schedule.frames_at(t) is not None else "sparse"
+                     for t in range(steps)]
     assert paths[0] == "dense" and all(r[0] == "sparse" for r in sparse)
     valid = LAYOUT.valid_token_mask(LAYOUT.chunk_frames)
     state = reference.new_state(schedule, 2)
@@ -101,6 +156,9 @@ def test_the_dense_steps_of_the_presets_at_self_forcing_geometry():
     assert steps["sink-window"] == list(range(last + 1))
     s = sd.lower(sink_window, num_heads=12, head_dim=128, dtype="bfloat16")
     assert s.evicted_frames(last) != (0, 0) and s.window_frames_range(last)[0] == s.sink_frames
+    # after that, sink-window still visits whole frames (the sink and the window): dense path
+    assert s.whole_frame_steps(80) == list(range(80))
+    assert s.frames_at(79) == (0,) + tuple(range(237 - 6, 237))
 
 
 def test_explain_names_the_dense_steps():
@@ -122,8 +180,9 @@ def test_program_with_dense_path_equals_reference_on_random_patterns(case):
     for step, chunk in enumerate(case.chunks):
         q, k, v = (x.float() for x in chunk)
         out, lse = program.attention(q, k, v, cache.tables(0))
-        assert program.path_at(step) == ("dense" if schedule.dense_at(step) else "sparse")
-        if schedule.dense_at(step):
+        dense = schedule.frames_at(step) is not None
+        assert program.path_at(step) == ("dense" if dense else "sparse")
+        if dense:
             want, want_lse, _ = reference.attention(schedule, state, *(x.double() for x in (q, k, v)))
             torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(lse[:, :, valid].double(), want_lse[:, :, valid],
@@ -157,13 +216,17 @@ def test_dense_steps_whose_persistent_set_holds_every_evicted_block():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype, sdpa", [(torch.bfloat16, "flash"), (torch.bfloat16, "cudnn"),
+                                         (torch.float32, "flash")])
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_dense_path_on_cuda_equals_the_reference_and_the_kernels(name, dtype):
-    """The GPU check that DENSE_PATH_CHECKED_ON_CUDA waits for: the dense path forced on
-    (flash SDPA in bf16, memory-efficient SDPA in fp32) against the float64 reference and the
-    generated Triton kernels, outputs, LSE and gradients, along a rollout."""
+def test_dense_path_on_cuda_equals_the_reference_and_the_kernels(name, dtype, sdpa, monkeypatch):
+    """The GPU check that DENSE_PATH_CHECKED_ON_CUDA (and DENSE_PATH_SDPA_CUDA = "cudnn")
+    wait for: the dense path forced on (flash or cuDNN SDPA in bf16, memory-efficient SDPA in
+    fp32) against the float64 reference and the generated Triton kernels, outputs, LSE and
+    gradients, along a rollout."""
+    from codegen.attention import dense_step
     from codegen.check import TOL
+    monkeypatch.setattr(dense_step, "DENSE_PATH_SDPA_CUDA", sdpa)
     schedule = _schedule(name, dtype=str(dtype).replace("torch.", ""))
     program = PBSAProgram(schedule, backend="triton")
     chunks = [tuple(x.to("cuda", dtype) for x in c)
@@ -186,7 +249,7 @@ def test_dense_path_on_cuda_equals_the_reference_and_the_kernels(name, dtype):
 
 @pytest.mark.parametrize("tile, cuda_path", [((8, 8), "sparse"), ((8, 16), "dense"), ((4, 4), "sparse")])
 def test_on_cuda_the_dense_path_is_taken_only_where_it_measured_faster(tile, cuda_path):
-    """At a dense_at step the CPU always runs the dense path; on CUDA only with blocks of at
+    """At a frames_at step the CPU always runs the dense path; on CUDA only with blocks of at
     least DENSE_PATH_MIN_BLOCK_TOKENS_CUDA tokens (128: the generic kernel, slower there than
     SDPA; 64-token blocks run the Gluon kernel, which measured faster than the dense path)."""
     layout = sd.VideoLayout(16, 16, tile, 3)
@@ -196,6 +259,6 @@ def test_on_cuda_the_dense_path_is_taken_only_where_it_measured_faster(tile, cud
     assert schedule.dense_at(0) and not schedule.dense_at(5)
     assert program.path_at(0, "cpu") == "dense"
     assert program.path_at(0, "cuda") == cuda_path
-    assert program.path_at(5, "cuda") == "sparse"
-    program.dense_path = True                 # forced on: taken wherever dense_at says so
+    assert program.path_at(5, "cuda") == cuda_path     # sink + window: whole frames at every step
+    program.dense_path = True                 # forced on: taken wherever frames_at names frames
     assert program.path_at(0, "cuda") == "dense"

@@ -1,19 +1,20 @@
 """The dense path of a program step.
 
-At a step where every query block visits every earlier block (`Schedule.dense_at`: the
-persistent set holds every block that has left the window, and the window is visited whole:
-step 0 of every pattern, the first steps of a sink + window pattern, every step of
-`dense-causal`), the step's attention *is*
-dense attention over the real tokens of all frames so far, with the current rule inside the
-chunk. SDPA's fused kernels (flash on CUDA, the fused CPU kernel) then compute it without
-the sparse machinery: no visit tables, no Top-K, no block kernel on padded tiles. Same visits,
-same result (tests/test_dense_step.py checks it against the sparse path and the float64
-reference, outputs, log-sum-exp and gradients).
+At a step where every query block visits the same earlier frames whole, and nothing else of
+them (`Schedule.frames_at`: step 0 of every pattern; every step of `dense-causal` and of a
+sink + window pattern; the first steps of a pattern whose persistent set still holds every
+block that has left the window), the step's attention *is* dense attention over the real
+tokens of those frames, with the current rule inside the chunk. SDPA's fused kernels (flash
+on CUDA, the fused CPU kernel) then compute it without the sparse machinery: no visit
+tables, no Top-K, no block kernel on padded tiles. Same visits, same result
+(tests/test_dense_step.py checks it against the sparse path and the float64 reference,
+outputs, log-sum-exp and gradients).
 
 Keys come from the cache's pool in block order (the sink's, the persistent set's and the
-window's slots: at such a step, all the earlier blocks) followed by the chunk's own; the padding of
-partial tiles and the kernel's block padding are dropped by a static token index, so no mask
-is needed and SDPA stays on its fastest path. Attention does not depend on key order.
+window's slots) followed by the chunk's own; the padding of partial tiles and the kernel's
+block padding are dropped by a static token index, so no mask is needed and SDPA stays on
+its fastest path. Attention does not depend on key order; the token index only needs each
+frame's blocks in order.
 """
 from __future__ import annotations
 
@@ -36,14 +37,15 @@ def _real_offsets(program, device) -> torch.Tensor:
 
 
 def earlier_slots(program, tables: BlockTables, step: int) -> torch.Tensor:
-    """Pool slots of every earlier block in block order, [B, Hkv, step * chunk_blocks] long:
-    the sink's, the persistent set's (at a dense step it holds every evicted block) and the
+    """Pool slots of the blocks of `Schedule.frames_at(step)` in block order,
+    [B, Hkv, frames * blocks_per_frame] long: the sink's, the persistent set's (at such a
+    step it holds every block that has left the window, or the pattern has none) and the
     window's; only the persistent set's come in no particular order, so they are sorted by
     the block each slot holds (on the device: no sync)."""
     s = program.schedule
     nb = s.blocks_per_frame
     sink_frames = min(s.sink_frames, step * s.chunk_frames)
-    held = s.frames_left_window(step) * nb
+    held = s.frames_left_window(step) * nb if s.capacity else 0
     slots = torch.cat([tables.sink_slots[:, :, :sink_frames * nb],
                        tables.persistent_slots[:, :, :held],
                        tables.window_slots[:, :, :s.window_block_count(step)]], dim=2).long()
@@ -70,15 +72,35 @@ def earlier_keys(program, pool: torch.Tensor, slots: torch.Tensor, frames: int) 
     return tokens[..., :s.head_dim]
 
 
+# The fused SDPA kernel of the dense path on CUDA for bf16/fp16: "flash" (checked on an H200,
+# 2026-12-02) or "cudnn" (cuDNN's fused attention: a dense Wan-1.3B chunk took 511 ms with it
+# against 695 ms with flash, bench/decode.py; to be taken once `pytest -m gpu
+# tests/test_dense_step.py` has passed with it on a GPU, which has not run yet).
+DENSE_PATH_SDPA_CUDA = "flash"
+_CUDA_KERNELS = ("flash", "cudnn")
+
+
+def _cudnn_attention(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True, 0.0, False, False, scale=scale)[:2]
+    return out, lse.reshape(q.shape[:-1])       # [B, H, Lq] (cuDNN may add a unit dim)
+
+
 def attention_with_lse(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(softmax(q k^T * scale) v, log-sum-exp [B, H, Lq] float32) with one fused SDPA call
     (differentiable in q, k, v). k/v may have fewer heads (grouped-query: head h reads KV
     head h // group)."""
+    if DENSE_PATH_SDPA_CUDA not in _CUDA_KERNELS:
+        raise ValueError(f"codegen.attention.dense_step.DENSE_PATH_SDPA_CUDA = "
+                         f"{DENSE_PATH_SDPA_CUDA!r}, allowed: {', '.join(map(repr, _CUDA_KERNELS))}")
     group = q.shape[1] // k.shape[1]
     if group > 1:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     if q.is_cuda:
-        if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256:
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        if half and DENSE_PATH_SDPA_CUDA == "cudnn" and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128:
+            out, lse = _cudnn_attention(q, k, v, scale)
+        elif half and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
                 q, k, v, 0.0, False, False, scale=scale)[:2]
         else:   # float32 (or an odd head dim): the memory-efficient kernel returns the LSE too
@@ -92,15 +114,17 @@ def attention_with_lse(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tenso
 
 
 def dense_step_attention(program, q, k, v, tables: BlockTables):
-    """`program.attention` at a `dense_at` step: (out [B, H, NQB*bt, d] in q's dtype with
-    zero padded rows, lse [B, H, NQB*bt] float32 with -inf on padded rows)."""
+    """`program.attention` at a step where `Schedule.frames_at` names the visited frames:
+    (out [B, H, NQB*bt, d] in q's dtype with zero padded rows, lse [B, H, NQB*bt] float32
+    with -inf on padded rows)."""
     s, lay = program.schedule, program.schedule.layout
-    c, step = lay.chunk_frames, tables.step
+    step = tables.step
+    frames = len(s.frames_at(step))
     real = program.chunk_real_index(q.device)                   # [c * tokens_per_frame]
     qr, kr, vr = (x.index_select(2, real) for x in (q, k, v))
     slots = earlier_slots(program, tables, step)
-    past_k = earlier_keys(program, tables.k_pool, slots, step * c).to(k.dtype)
-    past_v = earlier_keys(program, tables.v_pool, slots, step * c).to(v.dtype)
+    past_k = earlier_keys(program, tables.k_pool, slots, frames).to(k.dtype)
+    past_v = earlier_keys(program, tables.v_pool, slots, frames).to(v.dtype)
     if s.current == "dense":
         out, lse = attention_with_lse(qr, torch.cat([past_k, kr], 2), torch.cat([past_v, vr], 2),
                                       program.scale)
@@ -109,7 +133,7 @@ def dense_step_attention(program, q, k, v, tables: BlockTables):
         parts = [attention_with_lse(qr[:, :, f * n:(f + 1) * n],
                                     torch.cat([past_k, kr[:, :, :(f + 1) * n]], 2),
                                     torch.cat([past_v, vr[:, :, :(f + 1) * n]], 2), program.scale)
-                 for f in range(c)]
+                 for f in range(lay.chunk_frames)]
         out, lse = torch.cat([o for o, _ in parts], 2), torch.cat([m for _, m in parts], 2)
     full = q.new_zeros(q.shape).index_copy(2, real, out.to(q.dtype))
     full_lse = torch.full(q.shape[:-1], float("-inf"), device=q.device).index_copy(2, real, lse)
