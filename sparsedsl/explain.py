@@ -47,8 +47,8 @@ def _dense_path_line(schedule: Schedule, horizons: dict[str, int]) -> str:
     machinery)."""
     steps = schedule.shapes.steps(max(horizons.values())) if horizons else 1
     dense = schedule.whole_frame_steps(steps)
-    return (f"dense path (the same whole frames visited by every query block: one fused SDPA "
-            f"over them, same result): steps {_ranges(dense)} of {steps}")
+    return (f"dense path (the same whole frames visited by every query block; a backend may run "
+            f"them as one fused SDPA, same result): steps {_ranges(dense)} of {steps}")
 
 
 def explain(schedule: Schedule, horizons: dict[str, int] | None = None, graph: bool = True) -> str:
