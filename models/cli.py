@@ -16,6 +16,7 @@ command (`torchrun --nproc-per-node 2 -m models train teacher --config small`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -44,18 +45,29 @@ def cmd_train(args) -> int:
     if args.compile:
         from .dit import compile_blocks
         compile_blocks()
-    if stage == "teacher":
-        from .train.teacher import train_teacher
-        out = train_teacher(cfg, run_dir, progress=progress, time_limit=args.time_limit,
-                            data=args.data, init=args.init)
-    elif stage == "student":
-        from .train.student import train_student
-        out = train_student(cfg, run_dir, teacher, progress=progress, time_limit=args.time_limit,
-                            data=args.data)
-    else:
-        from .train.self_forcing import train_self_forcing
-        out = train_self_forcing(cfg, run_dir, teacher, student, pattern=pattern, progress=progress,
-                                 time_limit=args.time_limit)
+    profiler = contextlib.nullcontext()
+    if args.profile is not None:
+        import torch
+        from .train.profiling import parse_profile, profile_steps
+        try:
+            skip, steps = parse_profile(args.profile)
+        except ValueError as e:
+            raise ConfigError("command line", "--profile", args.profile, str(e)) from None
+        cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+        profiler = profile_steps(run_dir, skip, steps, torch.device("cuda" if cuda else "cpu"))
+    with profiler:
+        if stage == "teacher":
+            from .train.teacher import train_teacher
+            out = train_teacher(cfg, run_dir, progress=progress, time_limit=args.time_limit,
+                                data=args.data, init=args.init)
+        elif stage == "student":
+            from .train.student import train_student
+            out = train_student(cfg, run_dir, teacher, progress=progress,
+                                time_limit=args.time_limit, data=args.data)
+        else:
+            from .train.self_forcing import train_self_forcing
+            out = train_self_forcing(cfg, run_dir, teacher, student, pattern=pattern,
+                                     progress=progress, time_limit=args.time_limit)
     print(f"{args.stage} done: weights in {out}, loss curve in {run_dir / 'loss.png'}, "
           f"samples in {run_dir / 'samples'}")
     return 0
@@ -129,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "first steps pay for compilation)")
     p.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                    help="stop at a checkpoint after MINUTES (exit code 3); the same command resumes")
+    p.add_argument("--profile", default=None, metavar="SKIP:STEPS",
+                   help="torch.profiler over STEPS steps after the first SKIP of this run: "
+                        "profile.txt (wall vs device time per step, top ops) and profile.json "
+                        "(Chrome trace) in the run folder")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("export", help="write the weights of a run's last checkpoint "
                                       "(e.g. a stage stopped by --time-limit)")

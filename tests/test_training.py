@@ -585,3 +585,31 @@ def test_roughness_separates_the_world_from_noise():
     noise = torch.randn(4, 6, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     assert 1.2 < roughness(noise) < 1.6
     assert roughness(world + 0.3 * noise) > 2 * roughness(world)
+
+
+# --- profiling ---------------------------------------------------------------------------
+def test_profile_writes_step_times_and_ops(tmp_path):
+    """`train --profile 1:2`: the two steps after the first are recorded; profile.txt gives
+    their wall time per step and the ops (the model's matmuls among them), profile.json the
+    trace; the run itself is unchanged (its checkpoint equals one without the profiler)."""
+    runs = {}
+    for name, extra in (("plain", []), ("profiled", ["--profile", "1:2"])):
+        run_dir = tmp_path / name
+        assert main(["train", "teacher", "--config", "tiny", "--run-dir", str(run_dir),
+                     "--no-progress", "--set", "teacher.steps=4", "--set", "device=\"cpu\"",
+                     *extra]) == 0
+        runs[name] = checkpoint_tensors(run_dir)[0]
+    text = (tmp_path / "profiled" / "profile.txt").read_text()
+    assert text.startswith("2 steps recorded after 1 skipped: ") and "ms a step" in text
+    assert "aten::" in text and "mm" in text
+    assert json.loads((tmp_path / "profiled" / "profile.json").read_text())["traceEvents"]
+    assert not (tmp_path / "plain" / "profile.txt").exists()
+    assert_bitwise(runs["plain"], runs["profiled"], "with and without --profile")
+
+
+@pytest.mark.parametrize("value", ["10", "a:b", "-1:3", "2:0", "1:2:3"])
+def test_bad_profile_option(capsys, tmp_path, value):
+    line = cli_error(capsys, "train", "teacher", "--config", "tiny", "--run-dir",
+                     str(tmp_path / "run"), "--no-progress", f"--profile={value}")
+    assert "--profile" in line and repr(value) in line and "SKIP:STEPS" in line
+    assert not (tmp_path / "run").exists()

@@ -33,6 +33,7 @@ from ..data import WorldClips, to_uint8
 from ..video_files import VideoFolder
 from ..distributed import DistInfo, barrier, init_distributed, is_main, shard_batch
 from ..dit import CausalDiT
+from . import profiling
 
 STAGE_CODES = {"teacher": 1, "student": 2, "self_forcing": 3}
 
@@ -202,7 +203,9 @@ class StageRun:
     def checkpoint(self, done: int, total: int, objects: dict, extra: Optional[dict] = None,
                    always: bool = False, on_stop=None) -> None:
         """Save every `checkpoint_every` steps and at the end; past the time limit, save and
-        raise `TimeLimitReached` (every process agrees, so none waits on the others)."""
+        raise `TimeLimitReached` (every process agrees, so none waits on the others). Every
+        stage calls it once at the end of each step (`train --profile` counts steps here)."""
+        profiling.tick()
         late = self.deadline is not None and time.monotonic() > self.deadline
         if self.info.world_size > 1:
             flag = torch.tensor([float(late)], device=self.device)
