@@ -47,14 +47,12 @@ def cmd_train(args) -> int:
         compile_blocks()
     profiler = contextlib.nullcontext()
     if args.profile is not None:
-        import torch
         from .train.profiling import parse_profile, profile_steps
         try:
             skip, steps = parse_profile(args.profile)
         except ValueError as e:
             raise ConfigError("command line", "--profile", args.profile, str(e)) from None
-        cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-        profiler = profile_steps(run_dir, skip, steps, torch.device("cuda" if cuda else "cpu"))
+        profiler = profile_steps(run_dir, skip, steps)
     with profiler:
         if stage == "teacher":
             from .train.teacher import train_teacher

@@ -191,8 +191,9 @@ class Schedule:
         Top-K cover the window whole. The step is then dense
         attention over all frames so far (with the current rule inside the chunk), and a
         backend may run it with a dense kernel: same visits, same result. Exact, from the
-        schedule alone (the visit counts are disjoint parts of the earlier blocks); memoised."""
-        return _dense_at(self, step)
+        schedule alone: the case of `frames_at` where the frames are all the earlier ones."""
+        frames = self.frames_at(step)   # distinct earlier frames: all of them iff as many
+        return frames is not None and len(frames) == step * self.chunk_frames
 
     def dense_steps(self, horizon_steps: int) -> list[int]:
         """The steps in [0, horizon_steps) that `dense_at` marks."""
@@ -229,23 +230,6 @@ class Schedule:
                     if self.update else ""),
                  f"  max visits per query block (steady state): {self.max_visits}"]
         return "\n".join(lines)
-
-
-@lru_cache(maxsize=4096)
-def _dense_at(schedule: Schedule, step: int) -> bool:
-    c, nb = schedule.chunk_frames, schedule.blocks_per_frame
-    sink_frames = min(schedule.sink_frames, step * c)
-    evicted = schedule.frames_left_window(step) * nb   # blocks that have left the window so far
-    if schedule.capacity < evicted:                # the persistent set cannot hold them all
-        return False
-    earlier = step * c * nb
-    split = schedule.window.split
-    for qb in range(schedule.layout.chunk_blocks):
-        static = 0 if (split.mode == "intersection" and schedule.window.has_topk) \
-            else len(schedule.static_window_blocks(step, qb))
-        if sink_frames * nb + evicted + static + schedule.topk_count(step, qb) != earlier:
-            return False
-    return True
 
 
 @lru_cache(maxsize=4096)

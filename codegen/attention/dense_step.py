@@ -90,13 +90,14 @@ def attention_with_lse(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tenso
     """(softmax(q k^T * scale) v, log-sum-exp [B, H, Lq] float32) with one fused SDPA call
     (differentiable in q, k, v). k/v may have fewer heads (grouped-query: head h reads KV
     head h // group)."""
-    if DENSE_PATH_SDPA_CUDA not in _CUDA_KERNELS:
-        raise ValueError(f"codegen.attention.dense_step.DENSE_PATH_SDPA_CUDA = "
-                         f"{DENSE_PATH_SDPA_CUDA!r}, allowed: {', '.join(map(repr, _CUDA_KERNELS))}")
     group = q.shape[1] // k.shape[1]
     if group > 1:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     if q.is_cuda:
+        if DENSE_PATH_SDPA_CUDA not in _CUDA_KERNELS:
+            raise ValueError(f"codegen.attention.dense_step.DENSE_PATH_SDPA_CUDA = "
+                             f"{DENSE_PATH_SDPA_CUDA!r}, allowed: "
+                             f"{', '.join(map(repr, _CUDA_KERNELS))}")
         half = q.dtype in (torch.float16, torch.bfloat16)
         if half and DENSE_PATH_SDPA_CUDA == "cudnn" and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128:
             out, lse = _cudnn_attention(q, k, v, scale)

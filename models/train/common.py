@@ -205,7 +205,7 @@ class StageRun:
         """Save every `checkpoint_every` steps and at the end; past the time limit, save and
         raise `TimeLimitReached` (every process agrees, so none waits on the others). Every
         stage calls it once at the end of each step (`train --profile` counts steps here)."""
-        profiling.tick()
+        profiling.tick(self.device)
         late = self.deadline is not None and time.monotonic() > self.deadline
         if self.info.world_size > 1:
             flag = torch.tensor([float(late)], device=self.device)

@@ -45,10 +45,11 @@ def parse_profile(text: str) -> tuple[int, int]:
 class StepProfiler:
     """Records `steps` training steps after the first `skip` ones of this process."""
 
-    def __init__(self, run_dir, skip: int, steps: int, device: torch.device):
+    def __init__(self, run_dir, skip: int, steps: int):
         self.run_dir, self.skip, self.steps = Path(run_dir), skip, steps
-        self.cuda = device.type == "cuda"
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        self.cuda = False          # whether the steps run on a GPU: the run says so at each tick
+        activities = [ProfilerActivity.CPU] + (
+            [ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         # the schedule's wait + warm-up steps are the skipped ones; one warm-up step (when
         # there is one to spare) lets the profiler start before the recorded steps
         warmup = 1 if skip else 0
@@ -57,14 +58,14 @@ class StepProfiler:
                                               repeat=1),
                             on_trace_ready=self._write)
         self.ticks: list[float] = []
-        self.written: Optional[Path] = None
 
     def start(self) -> None:
         self.prof.start()
         self.ticks.append(time.perf_counter())
 
-    def tick(self) -> None:
-        """The end of one training step."""
+    def tick(self, device: torch.device) -> None:
+        """The end of one training step run on `device`."""
+        self.cuda = device.type == "cuda"
         if self.cuda:   # a step's time includes its device work
             torch.cuda.synchronize()
         self.ticks.append(time.perf_counter())
@@ -95,14 +96,13 @@ class StepProfiler:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "profile.txt").write_text("\n".join(lines) + "\n")
         prof.export_chrome_trace(str(self.run_dir / "profile.json"))
-        self.written = self.run_dir / "profile.txt"
 
 
 @contextlib.contextmanager
-def profile_steps(run_dir, skip: int, steps: int, device: torch.device):
+def profile_steps(run_dir, skip: int, steps: int):
     """Profile the training steps run inside the block (see the module's docstring)."""
     global _active
-    profiler = StepProfiler(run_dir, skip, steps, device)
+    profiler = StepProfiler(run_dir, skip, steps)
     profiler.start()
     _active = profiler
     try:
@@ -112,7 +112,8 @@ def profile_steps(run_dir, skip: int, steps: int, device: torch.device):
         profiler.stop()
 
 
-def tick() -> None:
-    """Called by StageRun at the end of every step; a no-op unless a profile was asked for."""
+def tick(device: torch.device) -> None:
+    """Called by StageRun at the end of every step (on its device); a no-op unless a profile
+    was asked for."""
     if _active is not None:
-        _active.tick()
+        _active.tick(device)
