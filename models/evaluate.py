@@ -144,6 +144,9 @@ def _seed_metrics(gen: np.ndarray, truth: np.ndarray, meta, prefix_meta, cfg: Co
         "frame_stats": {"gen": stats_gen, "truth": stats_truth},
         "gap_ssim": {"gen": M.gap_similarity(gen, gaps), "truth": M.gap_similarity(truth, gaps)},
         "recall": M.revisit_recall(gen, meta, cfg, context_meta=prefix_meta),
+        "vivid": M.vivid_fraction(gen),
+        "vivid_truth": M.vivid_fraction(truth),
+        "sprites": M.sprite_visibility(gen, meta, cfg),
     }
 
 
@@ -151,6 +154,11 @@ def _seed_metrics(gen: np.ndarray, truth: np.ndarray, meta, prefix_meta, cfg: Co
 def _interval(values) -> dict:
     ci = M.confidence_interval(values, LEVEL)
     return {"mean": ci.mean, "half_width": ci.half_width, "n": ci.n}
+
+
+def _interval_or_none(values) -> Optional[dict]:
+    """The interval of `values`, None when there are none (no sprite in view, say)."""
+    return _interval(values) if len(values) else None
 
 
 def _aggregate(per_seed: list[dict], horizons: list[int], F: int) -> dict:
@@ -161,7 +169,14 @@ def _aggregate(per_seed: list[dict], horizons: list[int], F: int) -> dict:
         out["horizons"][f"{h}x"] = {
             "frames": [window.start, window.stop],
             **{k: _interval([float(np.mean(s[k][window])) for s in per_seed])
-               for k in ("psnr", "ssim", "hist", "mean_drift")}}
+               for k in ("psnr", "ssim", "hist", "mean_drift")},
+            # sprite-coloured pixels over the truth's, and sprites drawn where they are
+            "vivid_ratio": _interval([float(np.mean(s["vivid"][window]))
+                                      / max(float(np.mean(s["vivid_truth"][window])), 1e-9)
+                                      for s in per_seed]),
+            "sprites": _interval_or_none([float(np.nanmean(s["sprites"][window]))
+                                          for s in per_seed
+                                          if np.isfinite(s["sprites"][window]).any()])}
     records = [r for s in per_seed for r in s["recall"]["records"] if r["score"] is not None]
     seed_scores = [s["recall"]["mean_score"] for s in per_seed
                    if s["recall"]["mean_score"] is not None]
@@ -221,6 +236,7 @@ def _results_md(summary: dict) -> str:
     hz, F = summary["horizons"], summary["training_horizon"]
     last = f"{hz[-1]}x"
     head = (["entry", "pattern"] + [f"PSNR {h}x" for h in hz] + [f"SSIM {h}x" for h in hz]
+            + [f"sprite pixels {h}x" for h in hz] + [f"sprites shown {h}x" for h in hz]
             + ["recall score", "recall success", f"hist. drift {last}"])
     rows = []
     for name, e in summary["entries"].items():
@@ -231,6 +247,8 @@ def _results_md(summary: dict) -> str:
         rows.append([name, e["pattern"]]
                     + [_fmt(agg["horizons"][f"{h}x"]["psnr"]) for h in hz]
                     + [_fmt(agg["horizons"][f"{h}x"]["ssim"], 3) for h in hz]
+                    + [_fmt(agg["horizons"][f"{h}x"]["vivid_ratio"]) for h in hz]
+                    + [_fmt(agg["horizons"][f"{h}x"]["sprites"], 3) for h in hz]
                     + [_fmt(rec["score"], 3), success, _fmt(agg["horizons"][last]["hist"], 3)])
     table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     table += ["| " + " | ".join(r) + " |" for r in rows]
@@ -257,7 +275,11 @@ def _results_md(summary: dict) -> str:
               "its true colour, then mean ± CI over the seeds that have revisits; success: "
               f"revisits pooled over seeds scoring >= {M.RECALL_SUCCESS}. Histogram drift: "
               "total-variation distance of 8-bin per-channel colour histograms (0 = same "
-              "colours, 1 = disjoint), window mean at the last horizon. "
+              "colours, 1 = disjoint), window mean at the last horizon. Sprite pixels: the "
+              "window's share of vivid (sprite-coloured) pixels over the true video's (1: as "
+              "many sprites drawn as the world shows, 0: none; PSNR rewards the blur that "
+              "loses them). Sprites shown: the share of the true sprites' solid pixels drawn "
+              "in their colour where the world has them (frames with a sprite in view). "
               f"Metrics: {M.METRIC_BACKEND}.")
     return "\n".join([
         f"# Evaluation: {summary['config']}", "", intro, "", *table, "", legend, "",

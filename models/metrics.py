@@ -8,6 +8,8 @@ renders it to any length), for `models/evaluate.py`.
     frame_stats(gen)["mean"]                           # [N, C] in [0, 1]
     color_histogram_distance(gen, truth)               # [N] in [0, 1]; identical -> 0
     gap_similarity(gen)                                # {gap: mean SSIM of frames t, t + gap}
+    vivid_fraction(gen)                                # [N] share of sprite-coloured pixels
+    sprite_visibility(gen, truth_meta, cfg)            # [N] sprites drawn where they are; nan: none in view
     confidence_interval(values)                        # Interval(mean, half_width, n)
 
 Videos are uint8 numpy arrays [N, H, W, C] (what `models.world.render` and
@@ -292,6 +294,63 @@ def _summary(records: list[dict], prefix: str) -> dict:
             f"{prefix}mean_score": float(np.mean([r["score"] for r in scored])) if scored else None,
             f"{prefix}success_rate": (float(np.mean([r["success"] for r in scored]))
                                       if scored else None)}
+
+
+# --- sprites on screen ------------------------------------------------------------------------
+# The world's sprites are drawn at full saturation and value; its backgrounds and landmarks
+# are muted (saturation <= 0.45), so "vivid" pixels are sprite pixels, in any frame.
+VIVID_SATURATION = 0.7
+VIVID_VALUE = 0.6
+
+
+def vivid_fraction(video) -> np.ndarray:
+    """Per frame, the fraction of pixels with HSV saturation >= VIVID_SATURATION and value
+    >= VIVID_VALUE: float64 [N]. It needs no truth: a generator that keeps drawing sprites
+    keeps it near the true video's, one that loses them drops it to 0 (PSNR, which rewards
+    the blur of a mean prediction, does not see this)."""
+    v = _video(video, "video").astype(np.float64) / 255
+    hi, lo = v.max(axis=-1), v.min(axis=-1)
+    saturation = np.where(hi > 0, (hi - lo) / np.maximum(hi, 1e-12), 0.0)
+    return ((saturation >= VIVID_SATURATION) & (hi >= VIVID_VALUE)).mean(axis=(1, 2))
+
+
+def sprite_visibility(gen, truth_meta: Sequence[FrameMeta], video_cfg, *,
+                      world: Optional[WorldConfig] = None, distance: float = RECALL_DISTANCE,
+                      min_visible: float = RECALL_MIN_VISIBLE) -> np.ndarray:
+    """Per frame, the mean over the sprites in view of the fraction of each one's solid
+    pixels that `gen` shows in its colour (within `distance`, uint8 RGB), where the truth
+    has it: float64 [N], NaN for frames with no sprite at least `min_visible` in view and
+    unoccluded. The scoring of `revisit_recall`, applied to every sprite at every frame:
+    1 when the generator draws every sprite where the world has it."""
+    gen = _video(gen, "gen")
+    video, world_cfg = _configs(video_cfg)
+    world = world or world_cfg
+    metas = list(truth_meta)
+    if len(metas) != len(gen):
+        raise ValueError(f"sprite_visibility: {len(gen)} generated frames but {len(metas)} "
+                         "metadata entries")
+    if gen.shape[1:3] != (video.height, video.width):
+        raise ValueError(f"sprite_visibility: frames {list(gen.shape[1:3])} but the config's "
+                         f"view is {[video.height, video.width]}")
+    if not 0 < min_visible <= 1:
+        raise ValueError(f"min_visible = {min_visible}: expected a fraction in (0, 1]")
+    size = world.sprite_size if world is not None else (_sprite_size(metas, video) if metas else 0)
+    cache: dict = {}
+    out = np.full(len(metas), np.nan)
+    for j, m in enumerate(metas):
+        scores = []
+        for k, s in enumerate(m.sprites):
+            if not s.visible:
+                continue
+            mask, total = _scored_pixels(m, k, size, video, cache)
+            n = int(mask.sum())
+            if n and n >= min_visible * total:
+                pixels = gen[j][mask].astype(np.float64)
+                close = np.linalg.norm(pixels - np.asarray(s.color, np.float64), axis=-1) <= distance
+                scores.append(float(close.mean()))
+        if scores:
+            out[j] = float(np.mean(scores))
+    return out
 
 
 # --- drift -----------------------------------------------------------------------------------

@@ -71,6 +71,10 @@ def test_two_entries_two_seeds_end_to_end(weights, tmp_path, capsys):
                 values = np.array(s[key], dtype=float)          # None (non-finite) -> nan
                 assert values.shape == (18,) and np.isfinite(values).all(), (name, key)
             assert all(0 <= h <= 1 for h in s["hist"])
+            vivid, truth_vivid = np.array(s["vivid"], float), np.array(s["vivid_truth"], float)
+            assert vivid.shape == truth_vivid.shape == (18,) and (vivid >= 0).all()
+            shown = np.array([np.nan if x is None else x for x in s["sprites"]], float)
+            assert shown.shape == (18,) and (shown[np.isfinite(shown)] <= 1).all()
             assert set(s["gap_ssim"]["gen"]) == {"2", "5", "10"}      # gaps that fit 18 frames
             assert len(s["frame_stats"]["gen"]["mean"]) == 18
             rec = s["recall"]
@@ -86,7 +90,8 @@ def test_two_entries_two_seeds_end_to_end(weights, tmp_path, capsys):
         assert agg["recall"]["revisits"] > 0                    # tiny sprites come back often
     table = (out / "results.md").read_text()
     assert "| dense | dense |" in table and "| sparse | sparse-forcing |" in table
-    for column in ("PSNR 1x", "PSNR 2x", "SSIM 2x", "recall score", "recall success"):
+    for column in ("PSNR 1x", "PSNR 2x", "SSIM 2x", "sprite pixels 2x", "sprites shown 1x",
+                   "recall score", "recall success"):
         assert column in table
     with Image.open(out / "psnr_vs_horizon.png") as im:
         assert im.format == "PNG"

@@ -114,6 +114,44 @@ def test_no_revisit_in_range_is_none_not_a_number():
 
 
 # --- drift ---------------------------------------------------------------------------------
+# --- sprites on screen ---------------------------------------------------------------------
+def sprite_free(frames, meta):
+    """The frames with every sprite's box painted over by the pixel left of it."""
+    out = frames.copy()
+    for j, m in enumerate(meta):
+        for s in m.sprites:
+            if s.bbox is not None:
+                x0, y0, x1, y1 = s.bbox
+                out[j, y0:y1, x0:x1] = out[j, y0:y1, max(x0 - 1, 0)][:, None] if x0 else 0
+    return out
+
+
+def test_vivid_pixels_are_the_sprites_pixels(clip):
+    """The world's backgrounds and landmarks have no vivid pixel; its sprites are vivid."""
+    frames, meta = clip
+    vivid = M.vivid_fraction(frames)
+    assert vivid.shape == (96,) and vivid.max() > 0.005
+    assert M.vivid_fraction(sprite_free(frames, meta)).max() == 0.0
+    in_view = np.array([any(s.visible for s in m.sprites) for m in meta])
+    mostly_in_view = np.isfinite(M.sprite_visibility(frames, meta, SMALL))
+    assert (vivid[~in_view] == 0).all() and (vivid[mostly_in_view] > 0).all()
+    assert M.vivid_fraction(np.full_like(frames, 128)).max() == 0.0
+
+
+def test_sprite_visibility_of_the_truth_is_one_and_of_sprite_free_frames_zero(clip):
+    frames, meta = clip
+    truth = M.sprite_visibility(frames, meta, SMALL, distance=0.5)
+    scored = np.isfinite(truth)
+    assert scored.sum() > 48 and (truth[scored] == 1.0).all()
+    gone = M.sprite_visibility(sprite_free(frames, meta), meta, SMALL)
+    assert (np.isfinite(gone) == scored).all() and (gone[scored] == 0.0).all()
+    # frames a few steps out of step show the sprites where they were, not where they are
+    late = M.sprite_visibility(np.roll(frames, 8, axis=0), meta, SMALL)
+    assert np.nanmean(late) < 0.5
+    with pytest.raises(ValueError, match="metadata entries"):
+        M.sprite_visibility(frames[:5], meta[:4], SMALL)
+
+
 def test_gap_similarity_of_a_static_video_is_maximal(clip):
     frames, _ = clip
     static = np.repeat(frames[:1], 30, axis=0)

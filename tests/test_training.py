@@ -217,10 +217,11 @@ def test_self_forcing_fake_loss_falls(stages, tmp_path):
     first = load_file(str(tmp_path / "sf" / "snapshots" / snaps[0]))
     assert any(not torch.equal(first[k], last[k]) for k in first)
     # each snapshot continued the held-out world clips: its scores are in the history
-    for key in ("val_psnr", "val_ssim", "val_roughness"):
+    for key in ("val_psnr", "val_ssim", "val_roughness", "val_vivid", "val_sprites"):
         assert [s for s, _ in h[key]] == [10, 20, 30], key
         assert all(math.isfinite(v) for _, v in h[key]), h[key]
     assert all(-1 <= v <= 1 for _, v in h["val_ssim"]) and all(v > 0 for _, v in h["val_roughness"])
+    assert all(v >= 0 for _, v in h["val_vivid"]) and all(0 <= v <= 1 for _, v in h["val_sprites"])
 
 
 # --- 2. exact resume -----------------------------------------------------------------------

@@ -4,8 +4,13 @@ At every snapshot (`snapshot_every`) the few-step generator continues the first 
 a few held-out world clips to the end of the training horizon, through the stage's attention
 backend, and the scores go into the run's history next to the losses: PSNR and SSIM against
 the true continuation, and roughness (0.20 for the world's frames, about 1.4 for white noise).
-Low PSNR alone favours blur; a roughness climbing past 0.3 is the per-patch noise DMD can
-teach (docs/training.md). Together they say which snapshot to keep without another GPU call.
+High PSNR alone favours blur (a mean prediction that drops the sprites scores well); a
+roughness climbing past 0.3 is the per-patch noise DMD can teach (docs/training.md). Two
+sprite scores say what PSNR does not: `val_vivid`, the generated frames' share of
+sprite-coloured pixels over the truth's (1 when the generator keeps drawing as many sprites,
+0 when it loses them), and `val_sprites`, the share of the true sprites' pixels drawn in their
+colour where the world has them (`metrics.sprite_visibility`). Together they say which
+snapshot to keep without another GPU call.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import numpy as np
 import torch
 
 from ..data import from_uint8, to_uint8
-from ..metrics import psnr_per_frame, ssim_per_frame
+from ..metrics import psnr_per_frame, sprite_visibility, ssim_per_frame, vivid_fraction
 from ..sampling import continue_video
 from ..world import render
 
@@ -32,13 +37,15 @@ def roughness(video: torch.Tensor) -> float:
 
 @torch.no_grad()
 def continuation_scores(model, backend, run, seeds=VALIDATION_SEEDS) -> dict[str, float]:
-    """{'val_psnr', 'val_ssim', 'val_roughness'} of `model` continuing held-out world clips
-    (the first PREFIX_CHUNKS chunks given, the rest of the horizon generated)."""
+    """{'val_psnr', 'val_ssim', 'val_roughness', 'val_vivid', 'val_sprites'} of `model`
+    continuing held-out world clips (the first PREFIX_CHUNKS chunks given, the rest of the
+    horizon generated)."""
     cfg = run.cfg
     v = cfg.video
     P = PREFIX_CHUNKS * v.chunk_frames
     N = v.frames - P
-    clips = [render(seed, 0, v.frames, v, cfg.world)[0] for seed in seeds]
+    rendered = [render(seed, 0, v.frames, v, cfg.world) for seed in seeds]
+    clips = [frames for frames, _ in rendered]
     prefix = torch.stack([from_uint8(c[:P]) for c in clips]).to(run.device)
     was_training = model.training
     model.eval()
@@ -48,5 +55,10 @@ def continuation_scores(model, backend, run, seeds=VALIDATION_SEEDS) -> dict[str
     gen = [to_uint8(g) for g in generated.cpu()]
     psnr = np.concatenate([psnr_per_frame(g, c[P:]) for g, c in zip(gen, clips)])
     ssim = np.concatenate([ssim_per_frame(g, c[P:]) for g, c in zip(gen, clips)])
+    vivid_gen = np.mean([vivid_fraction(g).mean() for g in gen])
+    vivid_truth = np.mean([vivid_fraction(c[P:]).mean() for c in clips])
+    shown = np.concatenate([sprite_visibility(g, meta[P:], cfg) for g, (_, meta) in zip(gen, rendered)])
     return {"val_psnr": float(np.mean(np.minimum(psnr, 100.0))), "val_ssim": float(np.mean(ssim)),
-            "val_roughness": roughness(generated)}
+            "val_roughness": roughness(generated),
+            "val_vivid": float(vivid_gen / max(vivid_truth, 1e-9)),
+            "val_sprites": float(np.nanmean(shown)) if np.isfinite(shown).any() else 0.0}
