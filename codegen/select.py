@@ -90,6 +90,7 @@ __all__ = [
     "block_representatives", "block_representatives_torch",
     "select_topk", "select_topk_torch",
     "block_importance", "block_importance_torch",
+    "select_backend_for", "SELECT_TRITON_MAX_POSITIONS",
 ]
 
 _MODES = ("union", "intersection")
@@ -105,6 +106,25 @@ SELECT_DC = 4                     # d elements per gather (16-byte fp32 loads)
 # at k ~ 32), rounds in the interpreter (where tl.sort costs ~0.5 s per call). Tests set
 # it to cover both.
 SELECT_TOPK_ALGO = "auto"
+# Size threshold of the Triton select / importance tiles (issue 12). The kernels size their
+# register tile by the *allocation* (BLOCK_W = next power of two of NWMAX / NDOMMAX, so one
+# pattern compiles one kernel) and give each program fewer query blocks as it grows
+# (`_tile_config`): built for sink-window-sized windows (NW = 168 -> BLOCK_W = 256, 8 query
+# blocks a program). An unbounded window (moba) lives in a pool that doubles with the
+# history (336 / 1,344 / 2,688 slots at steps 4 / 10 / 20 at 8x8 tiles), so the tile grows
+# to 4,096 positions and 1 query block a program: every program re-gathers the whole
+# window's representatives for a single query block. Above this many allocated positions
+# the program (`select_backend_for`) and backend="auto" take the torch path instead (one
+# gather, one GEMM, one torch.topk, no host sync: the same candidates, tie rule and order of
+# picks; the fp32 scores may differ in the last bit (GEMM summation order), and on CUDA the
+# GEMM follows torch.backends.cuda.matmul.allow_tf32), whose cost follows the valid count,
+# not the allocation; it also lifts the kernel's hard limit (moba's pool at 8x8 tiles grows
+# to 10,752 slots at step 65, where backend="triton" refused). backend="triton" passed to
+# select_topk / block_importance still forces the kernel (up to _MAX_TRITON_POSITIONS). Chosen
+# conservatively (2x the tile the kernel was tuned for); bench/select_probe.py times both
+# paths at moba's sizes to place it. A positive int; set it to _MAX_TRITON_POSITIONS to
+# turn the fallback off.
+SELECT_TRITON_MAX_POSITIONS = 512
 _INT64_MIN = -(2**63)
 
 
@@ -135,6 +155,30 @@ def _use_triton(fn: str, backend: str, device: torch.device) -> bool:
         raise ValueError(f"{fn}: backend = 'triton' needs CUDA tensors (got device "
                          f"{device}) or TRITON_INTERPRET=1; use backend='torch' on CPU")
     return True
+
+
+def _triton_max_positions() -> int:
+    v = SELECT_TRITON_MAX_POSITIONS
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"codegen.select.SELECT_TRITON_MAX_POSITIONS = {v!r}, allowed: a "
+                         f"python int >= 1 (allocated window / domain positions above which "
+                         f"the torch path runs; {_MAX_TRITON_POSITIONS} turns the fallback off)")
+    return v
+
+
+def select_backend_for(backend: str, n_positions: int) -> str:
+    """The backend a caller should pass to `select_topk` / `block_importance` for a table of
+    `n_positions` allocated positions (window_slots.shape[2] / domain_slots.shape[2]):
+    'torch' when `backend` may pick Triton ('auto' or 'triton') and n_positions >
+    SELECT_TRITON_MAX_POSITIONS, else `backend` unchanged. The program's visit tables use
+    it, so an unbounded window's growing pool never sizes the Triton tile."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"select_backend_for: backend = {backend!r}, allowed: 'auto', "
+                         "'triton' or 'torch'")
+    n = _need_int("select_backend_for", "n_positions", n_positions, 0)
+    if backend != "torch" and n > _triton_max_positions():
+        return "torch"
+    return backend
 
 
 def _shape(t: torch.Tensor) -> tuple:
@@ -457,6 +501,8 @@ def select_topk(q_rep, k_rep_pool, window_slots, window_count, static_pos, stati
     k int >= 0; visit_slots int32 [B, H, NQB, MAXV] and visit_count int32 [B, H, NQB],
     updated in place: the min(k, #candidates) best positions' slots are written at
     visit_slots[b, h, qb, visit_count : visit_count + n], best first.
+    backend "auto": Triton on CUDA tensors while NWMAX <= SELECT_TRITON_MAX_POSITIONS, else
+    the torch path; "triton" / "torch" force one (see `select_backend_for`).
     Returns (visit_slots, visit_count).
     """
     fn = "select_topk"
@@ -465,6 +511,8 @@ def select_topk(q_rep, k_rep_pool, window_slots, window_count, static_pos, stati
         mode, k, visit_slots, visit_count)
     MAXV = visit_slots.shape[3]
     use_triton = _use_triton(fn, backend, q_rep.device)
+    if use_triton and backend == "auto" and NWMAX > _triton_max_positions():
+        use_triton = False                 # a large allocation: the torch path (issue 12)
     if use_triton and NWMAX > _MAX_TRITON_POSITIONS:
         raise ValueError(f"{fn}: window_slots.shape[2] = NWMAX = {NWMAX} window positions, "
                          f"the Triton kernel holds at most {_MAX_TRITON_POSITIONS} per program; "
@@ -545,12 +593,15 @@ def block_importance(q_rep, k_rep_pool, domain_slots, domain_count, scale, *,
     q_rep float32 [B, H, NQB, D]; k_rep_pool float32 [B, HKV, NSLOTS, D];
     domain_slots int32 [B, HKV, NDOMMAX] (the persistent set, then the window, as pool
     slots); domain_count int ND <= NDOMMAX; scale float. Returns float32 [B, H, NDOMMAX],
-    0 past ND. The caller averages over heads where the set is shared.
+    0 past ND. The caller averages over heads where the set is shared. backend "auto":
+    Triton on CUDA tensors while NDOMMAX <= SELECT_TRITON_MAX_POSITIONS, else torch.
     """
     fn = "block_importance"
     B, H, HKV, NQB, D, NSLOTS, NDOM, ND, scale = _check_importance(
         fn, q_rep, k_rep_pool, domain_slots, domain_count, scale, check_values)
     use_triton = _use_triton(fn, backend, q_rep.device)
+    if use_triton and backend == "auto" and NDOM > _triton_max_positions():
+        use_triton = False                 # a large allocation: the torch path (issue 12)
     if use_triton and NDOM > _MAX_TRITON_POSITIONS:
         raise ValueError(f"{fn}: domain_slots.shape[2] = NDOMMAX = {NDOM}, the Triton kernel "
                          f"holds at most {_MAX_TRITON_POSITIONS} per program; use backend='torch'")

@@ -507,3 +507,77 @@ def test_auto_backend_is_torch_on_cpu_tensors():
     assert sel._use_triton("f", "auto", torch.device("cpu")) is False
     if torch.cuda.is_available():
         assert sel._use_triton("f", "auto", torch.device("cuda")) is True
+
+
+# ====================================================================================
+# the size threshold (issue 12): large allocations take the torch path
+# ====================================================================================
+def test_select_backend_for_threshold(monkeypatch):
+    limit = sel.SELECT_TRITON_MAX_POSITIONS
+    assert sel.select_backend_for("triton", limit) == "triton"
+    assert sel.select_backend_for("triton", limit + 1) == "torch"
+    assert sel.select_backend_for("auto", limit) == "auto"
+    assert sel.select_backend_for("auto", limit + 1) == "torch"
+    assert sel.select_backend_for("torch", 3) == "torch"
+    with pytest.raises(ValueError, match="backend = 'cuda'"):
+        sel.select_backend_for("cuda", 3)
+    with pytest.raises(ValueError, match="n_positions = -1"):
+        sel.select_backend_for("auto", -1)
+    monkeypatch.setattr(sel, "SELECT_TRITON_MAX_POSITIONS", 0)
+    with pytest.raises(ValueError, match="SELECT_TRITON_MAX_POSITIONS = 0, allowed: a python int >= 1"):
+        sel.select_backend_for("auto", 3)
+
+
+def test_select_topk_large_allocation_both_paths_match_reference():
+    """An allocation past the threshold (a grown unbounded-window pool): both paths give the
+    reference's picks, in order."""
+    c = dict(B=1, hkv=1, H=2, NQB=3, D=8, nwmax=sel.SELECT_TRITON_MAX_POSITIONS + 188, nw=650,
+             nslots=sel.SELECT_TRITON_MAX_POSITIONS + 190, smax=3, mode="union", k=5,
+             quantised=True, seed=11)
+    inp = make_select_inputs(c)
+    results = {be: run_select(be, c, inp) for be in BACKENDS}
+    for vs, vc in results.values():
+        check_select(c, inp, vs, vc)
+    assert torch.equal(results["torch"][0], results["triton"][0])
+
+
+def test_program_select_takes_the_torch_path_above_the_threshold(monkeypatch):
+    """moba's pool doubles with the history; once window_slots.shape[2] passes
+    SELECT_TRITON_MAX_POSITIONS the program's Triton visit tables run the torch select, and
+    they equal the torch program's at every step, before and after the switch."""
+    import sparsedsl as sd
+    from codegen.program import PBSAProgram
+    from codegen.memory import rollout_cache as rc
+    from sparsedsl.testing import chunk_tensors
+
+    pattern = sd.Pattern(sd.VideoLayout(2, 4, (1, 2), 1),
+                         window=sd.LocalWindow(None, sd.TopK(k=2)), name="moba-small")
+    schedule = sd.lower(pattern, num_heads=2, num_kv_heads=1, head_dim=4, dtype="float32")
+    program = PBSAProgram(schedule, backend="torch")
+    cache = program.new_cache(1, 1, "cpu", torch.float32)
+    first = cache.nslots
+    monkeypatch.setattr(sel, "SELECT_TRITON_MAX_POSITIONS", first)
+    torch_calls = []
+    real = sel.select_topk_torch
+
+    def counted(*args, **kwargs):
+        torch_calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sel, "select_topk_torch", counted)
+    paths = []
+    steps = rc.GROWTH_START_CHUNKS + 3
+    for step, chunk in enumerate(chunk_tensors(schedule, 1, 5, steps, quantize=True)):
+        q, k, v = (x.float() for x in chunk)
+        tables = cache.tables(0)
+        if step:
+            qb = program._blocks(q)
+            torch_calls.clear()
+            got = program.visit_tables(qb, tables, step, select_backend="triton")
+            took_torch = bool(torch_calls)
+            want = program.visit_tables(qb, tables, step, select_backend="torch")
+            assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), step
+            assert took_torch == (tables.window_slots.shape[2] > first), step
+            paths.append(took_torch)
+        cache.commit(0, q, k, v)
+    assert cache.nslots > first and paths[0] is False and paths[-1] is True
