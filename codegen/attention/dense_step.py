@@ -23,16 +23,18 @@ import torch
 from .tables import BlockTables
 
 
-def _real_offsets(program, device) -> torch.Tensor:
-    """Real token offsets inside one frame of pool blocks, long: block j of a frame keeps its
-    first `frame_valid_tokens[j]` of the kernel's `kernel_block_tokens` slots."""
-    key = ("dense_frame_offsets", str(device))
+def _frame_token_map(program, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block, offset) of every real token of one frame, long [tokens_per_frame] each: block
+    j of a frame keeps its first `frame_valid_tokens[j]` of the kernel's
+    `kernel_block_tokens` slots."""
+    key = ("dense_frame_tokens", str(device))
     consts = program._device_constants
     if key not in consts:
-        BT = program.kernel_block_tokens
-        offsets = [j * BT + i for j, n in enumerate(program.schedule.layout.frame_valid_tokens)
-                   for i in range(n)]
-        consts[key] = torch.tensor(offsets, dtype=torch.long, device=device)
+        valid = program.schedule.layout.frame_valid_tokens
+        block = [j for j, n in enumerate(valid) for _ in range(n)]
+        offset = [i for n in valid for i in range(n)]
+        consts[key] = (torch.tensor(block, dtype=torch.long, device=device),
+                       torch.tensor(offset, dtype=torch.long, device=device))
     return consts[key]
 
 
@@ -58,25 +60,27 @@ def earlier_slots(program, tables: BlockTables, step: int) -> torch.Tensor:
 def earlier_keys(program, pool: torch.Tensor, slots: torch.Tensor, frames: int) -> torch.Tensor:
     """The real tokens of the first `frames` frames from `pool` [B, Hkv, NSLOTS, BT, D]
     through their `slots` in block order: [B, Hkv, frames * tokens_per_frame, d] (the
-    kernel's padding removed)."""
+    kernel's padding removed). One row gather of exactly those tokens: gathering whole
+    blocks first and dropping the padding after cost two more passes over the keys (the
+    dense path ran at 0.6x of SDPA on the same frames, H100)."""
     s = program.schedule
     nb = s.blocks_per_frame
-    B, Hkv, _, BT, _ = pool.shape
-    b = torch.arange(B, device=pool.device)[:, None, None]
-    h = torch.arange(Hkv, device=pool.device)[None, :, None]
-    blocks = pool[b, h, slots]                                  # [B, Hkv, frames * nb, BT, D]
-    offsets = _real_offsets(program, pool.device)
-    frame_base = torch.arange(frames, device=pool.device)[:, None] * (nb * BT)
-    index = (frame_base + offsets[None, :]).reshape(-1)
-    tokens = blocks.reshape(B, Hkv, frames * nb * BT, pool.shape[-1]).index_select(2, index)
-    return tokens[..., :s.head_dim]
+    B, Hkv, NSLOTS, BT, D = pool.shape
+    block, offset = _frame_token_map(program, pool.device)
+    frame = torch.arange(frames, device=pool.device)[:, None]
+    which = (frame * nb + block[None, :]).reshape(-1)                  # [L] index into slots
+    tokens = slots.gather(2, which.expand(B, Hkv, -1)) * BT + offset.repeat(frames)
+    base = torch.arange(B * Hkv, device=pool.device).view(B, Hkv, 1) * (NSLOTS * BT)
+    rows = pool.reshape(B * Hkv * NSLOTS * BT, D).index_select(0, (base + tokens).reshape(-1))
+    return rows.view(B, Hkv, -1, D)[..., :s.head_dim]
 
 
-# The fused SDPA kernel of the dense path on CUDA for bf16/fp16: "flash" (checked on an H200,
-# 2026-12-02) or "cudnn" (cuDNN's fused attention: a dense Wan-1.3B chunk took 511 ms with it
-# against 695 ms with flash, bench/decode.py; to be taken once `pytest -m gpu
-# tests/test_dense_step.py` has passed with it on a GPU, which has not run yet).
-DENSE_PATH_SDPA_CUDA = "flash"
+# The fused SDPA kernel of the dense path on CUDA for bf16/fp16: "cudnn" (cuDNN's fused
+# attention) or "flash" (FlashAttention-2). On an H100 (2026-12-07, bench/rollout.py
+# --dense-path on, sink-window at 30x52 tokens, H=12, D=128) the steady-state dense step took
+# 1.46 ms with cuDNN against 2.08 ms with flash; `pytest -m gpu tests/test_dense_step.py`
+# passed with both.
+DENSE_PATH_SDPA_CUDA = "cudnn"
 _CUDA_KERNELS = ("flash", "cudnn")
 
 
