@@ -38,10 +38,14 @@ def _pow2_at_least(x: int, floor: int) -> int:
 # (`pytest -m gpu tests/test_dense_step.py`: 8 passed on an H200, 2026-12-02).
 DENSE_PATH_CHECKED_ON_CUDA = True
 # ... and it is taken on CUDA only where it measured faster than the sparse kernels at the same
-# steps (bench/rollout.py on an H200, docs/benchmarks.md): with 128-token padded blocks
-# (0.62 vs 0.80 ms at step 0, 1.87 vs 2.32 at sink-window's step 2), not with 64-token blocks,
-# whose Gluon kernel beat it (0.44 vs 0.62 ms at step 0, 1.32 vs 1.84 at step 2).
+# steps (bench/rollout.py, docs/benchmarks.md): with 128-token padded blocks at every such step
+# (H200: 0.62 vs 0.80 ms at step 0, 1.87 vs 2.32 at sink-window's step 2, against the generic
+# kernel); with 64-token blocks (the Gluon kernel) once the visited earlier frames number at
+# least DENSE_PATH_64_MIN_EARLIER_FRAMES_CUDA (H100, 2026-12-07, sink-window, cuDNN and the
+# one-gather keys: 1.17 vs 1.32 ms with 6 earlier frames, 1.27 vs 1.48 with 7; slower with 3,
+# 0.97 vs 0.87; level with none, 0.43 vs 0.43); never with smaller blocks (not measured).
 DENSE_PATH_MIN_BLOCK_TOKENS_CUDA = 128
+DENSE_PATH_64_MIN_EARLIER_FRAMES_CUDA = 6
 # static visit tables kept for reuse across a chunk's passes (a few per layer of a model)
 STATIC_VISITS_KEPT = 64
 
@@ -74,12 +78,20 @@ class PBSAProgram:
     def path_at(self, step: int, device="cpu") -> str:
         """'dense' when `attention` at this step, on `device`, runs the dense path, else
         'sparse'."""
+        frames = self.schedule.frames_at(step)
+        if frames is None:
+            return "sparse"
         on = self.dense_path
         if on is None:
             on = torch.device(device).type != "cuda" or (
-                DENSE_PATH_CHECKED_ON_CUDA
-                and self.kernel_block_tokens >= DENSE_PATH_MIN_BLOCK_TOKENS_CUDA)
-        return "dense" if on and self.schedule.frames_at(step) is not None else "sparse"
+                DENSE_PATH_CHECKED_ON_CUDA and self._dense_measured_faster_on_cuda(len(frames)))
+        return "dense" if on else "sparse"
+
+    def _dense_measured_faster_on_cuda(self, earlier_frames: int) -> bool:
+        bt = self.kernel_block_tokens
+        if bt >= DENSE_PATH_MIN_BLOCK_TOKENS_CUDA:
+            return True
+        return bt >= 64 and earlier_frames >= DENSE_PATH_64_MIN_EARLIER_FRAMES_CUDA
 
     def chunk_real_index(self, device) -> torch.Tensor:
         """Positions of the chunk's real tokens in the tile-major layout, long, on `device`."""
@@ -298,8 +310,8 @@ class PBSAProgram:
         block) the step runs as one fused SDPA over the real tokens of those frames: the same
         attention, without the tables, the selection or the block kernel
         (codegen/attention/dense_step.py; `return_visits=True` or `self.dense_path = False`
-        keep the sparse kernels; on CUDA see DENSE_PATH_CHECKED_ON_CUDA and
-        DENSE_PATH_MIN_BLOCK_TOKENS_CUDA).
+        keep the sparse kernels; on CUDA see DENSE_PATH_CHECKED_ON_CUDA,
+        DENSE_PATH_MIN_BLOCK_TOKENS_CUDA and DENSE_PATH_64_MIN_EARLIER_FRAMES_CUDA).
         """
         from .attention.autograd import pbsa_attention
         from .memory.rollout_cache import check_tables

@@ -247,18 +247,26 @@ def test_dense_path_on_cuda_equals_the_reference_and_the_kernels(name, dtype, sd
             assert (got - ref).double().norm() <= 10 * tol * ref.double().norm() + 1e-6
 
 
-@pytest.mark.parametrize("tile, cuda_path", [((8, 8), "sparse"), ((8, 16), "dense"), ((4, 4), "sparse")])
-def test_on_cuda_the_dense_path_is_taken_only_where_it_measured_faster(tile, cuda_path):
-    """At a frames_at step the CPU always runs the dense path; on CUDA only with blocks of at
-    least DENSE_PATH_MIN_BLOCK_TOKENS_CUDA tokens (128: the generic kernel, slower there than
-    SDPA; 64-token blocks run the Gluon kernel, which measured faster than the dense path)."""
+@pytest.mark.parametrize("tile, cuda_at_0, cuda_at_5", [((8, 8), "sparse", "dense"),
+                                                         ((8, 16), "dense", "dense"),
+                                                         ((4, 4), "sparse", "sparse")])
+def test_on_cuda_the_dense_path_is_taken_only_where_it_measured_faster(tile, cuda_at_0, cuda_at_5):
+    """At a frames_at step the CPU always runs the dense path; on CUDA with blocks of at least
+    DENSE_PATH_MIN_BLOCK_TOKENS_CUDA tokens (128: the generic kernel, slower there than SDPA)
+    at every such step, with 64-token blocks (the Gluon kernel) only once the step visits at
+    least DENSE_PATH_64_MIN_EARLIER_FRAMES_CUDA earlier frames, never with smaller blocks."""
+    from codegen import program as program_module
     layout = sd.VideoLayout(16, 16, tile, 3)
     schedule = sd.lower(sd.presets.get("sink-window", layout=layout, frames=6), num_heads=2,
                         head_dim=16, dtype="bfloat16")
     program = PBSAProgram(schedule, backend="triton")
     assert schedule.dense_at(0) and not schedule.dense_at(5)
+    assert len(schedule.frames_at(0)) == 0 and len(schedule.frames_at(5)) == 7   # sink + window
     assert program.path_at(0, "cpu") == "dense"
-    assert program.path_at(0, "cuda") == cuda_path
-    assert program.path_at(5, "cuda") == cuda_path     # sink + window: whole frames at every step
+    assert program.path_at(0, "cuda") == cuda_at_0
+    assert program.path_at(5, "cuda") == cuda_at_5     # sink + window: whole frames at every step
+    # step 1 visits 3 earlier frames: below the 64-token threshold
+    assert program.path_at(1, "cuda") == ("dense" if tile == (8, 16) else "sparse")
+    assert program_module.DENSE_PATH_64_MIN_EARLIER_FRAMES_CUDA == 6
     program.dense_path = True                 # forced on: taken wherever frames_at names frames
     assert program.path_at(0, "cuda") == "dense"
