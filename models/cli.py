@@ -72,8 +72,17 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .train.common import export_run
     cfg = load_config(args.config, parse_overrides(args.set))
+    if args.best:
+        from .train.snapshots import export_best
+        try:
+            step, path = export_best(args.run_dir, cfg, args.out, args.best)
+        except ValueError as e:
+            print(f"sparse-forcing export: error: {e}", file=sys.stderr)
+            return 2
+        print(f"snapshot of step {step} of {args.run_dir} (the highest {args.best}) written to {path}")
+        return 0
+    from .train.common import export_run
     path = export_run(cfg, args.run_dir, args.out)
     print(f"weights of {args.run_dir}'s last checkpoint written to {path}")
     return 0
@@ -149,7 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--config", default="small")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--out", default=None, help="default RUN_DIR/weights.safetensors")
+    p.add_argument("--out", default=None,
+                   help="default RUN_DIR/weights.safetensors (RUN_DIR/best.safetensors with --best)")
+    p.add_argument("--best", nargs="?", const="val_sprites", default=None, metavar="SCORE",
+                   help="instead of the last checkpoint, the snapshot with the highest "
+                        "validation SCORE (default val_sprites; val_vivid, val_psnr, val_ssim), "
+                        "leaving out noisy ones (val_roughness >= 0.3)")
     p.set_defaults(func=cmd_export)
     from .generate import add_parser as add_generate_parser
     from .evaluate import add_parser as add_evaluate_parser

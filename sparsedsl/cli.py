@@ -206,6 +206,7 @@ BENCH_SCRIPTS = {
     "teacher-forcing": ("teacher_forcing_step.py", "the student's teacher-forcing step, profiled"),
     "rollout": ("rollout.py", "program.attention along a rollout vs dense SDPA and Flex, every preset"),
     "decode": ("decode.py", "end-to-end decoding at wan-1.3b scale: frames/s, latency, peak memory"),
+    "select": ("select_probe.py", "the Top-K select at moba's sizes: Triton kernel vs torch path"),
 }
 
 
