@@ -170,9 +170,10 @@ def _aggregate(per_seed: list[dict], horizons: list[int], F: int) -> dict:
             "frames": [window.start, window.stop],
             **{k: _interval([float(np.mean(s[k][window])) for s in per_seed])
                for k in ("psnr", "ssim", "hist", "mean_drift")},
-            # sprite-coloured pixels over the truth's, and sprites drawn where they are
-            "vivid_ratio": _interval([float(np.mean(s["vivid"][window]))
-                                      / max(float(np.mean(s["vivid_truth"][window])), 1e-9)
+            # the share of sprite-coloured pixels (%), generated and true: a ratio of the two
+            # per seed is unbounded where the true window shows no sprite
+            "vivid": _interval([100 * float(np.mean(s["vivid"][window])) for s in per_seed]),
+            "vivid_truth": _interval([100 * float(np.mean(s["vivid_truth"][window]))
                                       for s in per_seed]),
             "sprites": _interval_or_none([float(np.nanmean(s["sprites"][window]))
                                           for s in per_seed
@@ -236,7 +237,7 @@ def _results_md(summary: dict) -> str:
     hz, F = summary["horizons"], summary["training_horizon"]
     last = f"{hz[-1]}x"
     head = (["entry", "pattern"] + [f"PSNR {h}x" for h in hz] + [f"SSIM {h}x" for h in hz]
-            + [f"sprite pixels {h}x" for h in hz] + [f"sprites shown {h}x" for h in hz]
+            + [f"sprite pixels % {h}x (truth)" for h in hz] + [f"sprites shown {h}x" for h in hz]
             + ["recall score", "recall success", f"hist. drift {last}"])
     rows = []
     for name, e in summary["entries"].items():
@@ -247,7 +248,8 @@ def _results_md(summary: dict) -> str:
         rows.append([name, e["pattern"]]
                     + [_fmt(agg["horizons"][f"{h}x"]["psnr"]) for h in hz]
                     + [_fmt(agg["horizons"][f"{h}x"]["ssim"], 3) for h in hz]
-                    + [_fmt(agg["horizons"][f"{h}x"]["vivid_ratio"]) for h in hz]
+                    + [f'{_fmt(agg["horizons"][f"{h}x"]["vivid"])} '
+                       f'({agg["horizons"][f"{h}x"]["vivid_truth"]["mean"]:.2f})' for h in hz]
                     + [_fmt(agg["horizons"][f"{h}x"]["sprites"], 3) for h in hz]
                     + [_fmt(rec["score"], 3), success, _fmt(agg["horizons"][last]["hist"], 3)])
     table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -276,9 +278,10 @@ def _results_md(summary: dict) -> str:
               f"revisits pooled over seeds scoring >= {M.RECALL_SUCCESS}. Histogram drift: "
               "total-variation distance of 8-bin per-channel colour histograms (0 = same "
               "colours, 1 = disjoint), window mean at the last horizon. Sprite pixels: the "
-              "window's share of vivid (sprite-coloured) pixels over the true video's (1: as "
-              "many sprites drawn as the world shows, 0: none; PSNR rewards the blur that "
-              "loses them). Sprites shown: the share of the true sprites' solid pixels drawn "
+              "percentage of the window's pixels that are vivid (sprite-coloured; the world's "
+              "backgrounds have none), generated, with the true video's mean in brackets: "
+              "0 when the generator has lost the sprites, which PSNR, rewarding blur, does "
+              "not show. Sprites shown: the share of the true sprites' solid pixels drawn "
               "in their colour where the world has them (frames with a sprite in view). "
               f"Metrics: {M.METRIC_BACKEND}.")
     return "\n".join([

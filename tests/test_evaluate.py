@@ -90,7 +90,7 @@ def test_two_entries_two_seeds_end_to_end(weights, tmp_path, capsys):
         assert agg["recall"]["revisits"] > 0                    # tiny sprites come back often
     table = (out / "results.md").read_text()
     assert "| dense | dense |" in table and "| sparse | sparse-forcing |" in table
-    for column in ("PSNR 1x", "PSNR 2x", "SSIM 2x", "sprite pixels 2x", "sprites shown 1x",
+    for column in ("PSNR 1x", "PSNR 2x", "SSIM 2x", "sprite pixels % 2x (truth)", "sprites shown 1x",
                    "recall score", "recall success"):
         assert column in table
     with Image.open(out / "psnr_vs_horizon.png") as im:
