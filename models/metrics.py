@@ -206,6 +206,19 @@ def _find_revisits(metas: Sequence[FrameMeta]) -> list[tuple[int, int, int, bool
     return out
 
 
+def _check_scored_frames(fn: str, gen: np.ndarray, metas: list, video: VideoConfig,
+                         min_visible: float) -> None:
+    """The checks of the sprite scores: one metadata entry per frame, the config's view, a
+    fraction for `min_visible`."""
+    if len(metas) != len(gen):
+        raise ValueError(f"{fn}: {len(gen)} generated frames but {len(metas)} metadata entries")
+    if gen.shape[1:3] != (video.height, video.width):
+        raise ValueError(f"{fn}: frames {list(gen.shape[1:3])} but the config's view is "
+                         f"{[video.height, video.width]}")
+    if not 0 < min_visible <= 1:
+        raise ValueError(f"min_visible = {min_visible}: expected a fraction in (0, 1]")
+
+
 def revisit_recall(gen, truth_meta: Sequence[FrameMeta], video_cfg, *,
                    context_meta: Sequence[FrameMeta] = (), world: Optional[WorldConfig] = None,
                    distance: float = RECALL_DISTANCE, success: float = RECALL_SUCCESS,
@@ -238,14 +251,7 @@ def revisit_recall(gen, truth_meta: Sequence[FrameMeta], video_cfg, *,
     video, world_cfg = _configs(video_cfg)
     world = world or world_cfg
     truth_meta, context_meta = list(truth_meta), list(context_meta)
-    if len(truth_meta) != len(gen):
-        raise ValueError(f"revisit_recall: {len(gen)} generated frames but {len(truth_meta)} "
-                         "metadata entries")
-    if gen.shape[1:3] != (video.height, video.width):
-        raise ValueError(f"revisit_recall: frames {list(gen.shape[1:3])} but the config's view "
-                         f"is {[video.height, video.width]}")
-    if not 0 < min_visible <= 1:
-        raise ValueError(f"min_visible = {min_visible}: expected a fraction in (0, 1]")
+    _check_scored_frames("revisit_recall", gen, truth_meta, video, min_visible)
     metas = context_meta + truth_meta
     offset = len(context_meta)
     size = world.sprite_size if world is not None else (_sprite_size(metas, video) if metas else 0)
@@ -326,14 +332,7 @@ def sprite_visibility(gen, truth_meta: Sequence[FrameMeta], video_cfg, *,
     video, world_cfg = _configs(video_cfg)
     world = world or world_cfg
     metas = list(truth_meta)
-    if len(metas) != len(gen):
-        raise ValueError(f"sprite_visibility: {len(gen)} generated frames but {len(metas)} "
-                         "metadata entries")
-    if gen.shape[1:3] != (video.height, video.width):
-        raise ValueError(f"sprite_visibility: frames {list(gen.shape[1:3])} but the config's "
-                         f"view is {[video.height, video.width]}")
-    if not 0 < min_visible <= 1:
-        raise ValueError(f"min_visible = {min_visible}: expected a fraction in (0, 1]")
+    _check_scored_frames("sprite_visibility", gen, metas, video, min_visible)
     size = world.sprite_size if world is not None else (_sprite_size(metas, video) if metas else 0)
     cache: dict = {}
     out = np.full(len(metas), np.nan)
