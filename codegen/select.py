@@ -181,6 +181,13 @@ def select_backend_for(backend: str, n_positions: int) -> str:
     return backend
 
 
+def _auto_by_size(backend: str, n_positions: int) -> str:
+    """`backend`, with "auto" resolved by size: 'torch' above SELECT_TRITON_MAX_POSITIONS
+    allocated positions (the rule of `select_backend_for`, which an explicit 'triton' obeys
+    only when the caller asks it)."""
+    return select_backend_for(backend, n_positions) if backend == "auto" else backend
+
+
 def _shape(t: torch.Tensor) -> tuple:
     return tuple(t.shape)
 
@@ -510,9 +517,8 @@ def select_topk(q_rep, k_rep_pool, window_slots, window_count, static_pos, stati
         fn, q_rep, k_rep_pool, window_slots, window_count, static_pos, static_count,
         mode, k, visit_slots, visit_count)
     MAXV = visit_slots.shape[3]
-    use_triton = _use_triton(fn, backend, q_rep.device)
-    if use_triton and backend == "auto" and NWMAX > _triton_max_positions():
-        use_triton = False                 # a large allocation: the torch path (issue 12)
+    # "auto" with a large allocation takes the torch path (issue 12; select_backend_for)
+    use_triton = _use_triton(fn, _auto_by_size(backend, NWMAX), q_rep.device)
     if use_triton and NWMAX > _MAX_TRITON_POSITIONS:
         raise ValueError(f"{fn}: window_slots.shape[2] = NWMAX = {NWMAX} window positions, "
                          f"the Triton kernel holds at most {_MAX_TRITON_POSITIONS} per program; "
@@ -599,9 +605,7 @@ def block_importance(q_rep, k_rep_pool, domain_slots, domain_count, scale, *,
     fn = "block_importance"
     B, H, HKV, NQB, D, NSLOTS, NDOM, ND, scale = _check_importance(
         fn, q_rep, k_rep_pool, domain_slots, domain_count, scale, check_values)
-    use_triton = _use_triton(fn, backend, q_rep.device)
-    if use_triton and backend == "auto" and NDOM > _triton_max_positions():
-        use_triton = False                 # a large allocation: the torch path (issue 12)
+    use_triton = _use_triton(fn, _auto_by_size(backend, NDOM), q_rep.device)
     if use_triton and NDOM > _MAX_TRITON_POSITIONS:
         raise ValueError(f"{fn}: domain_slots.shape[2] = NDOMMAX = {NDOM}, the Triton kernel "
                          f"holds at most {_MAX_TRITON_POSITIONS} per program; use backend='torch'")

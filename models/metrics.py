@@ -191,6 +191,27 @@ def _scored_pixels(meta: FrameMeta, k: int, size: int, video: VideoConfig,
     return mask, int(solid.sum())
 
 
+def _sprite_score(frame: np.ndarray, meta: FrameMeta, k: int, size: int, video: VideoConfig,
+                  cache: dict, distance: float, min_visible: float) -> Optional[float]:
+    """The fraction of sprite k's scored pixels (`_scored_pixels`) that `frame` shows within
+    `distance` of its colour; None when fewer than `min_visible` of its solid pixels are in
+    view and unoccluded."""
+    mask, total = _scored_pixels(meta, k, size, video, cache)
+    n = int(mask.sum())
+    if not n or n < min_visible * total:
+        return None
+    pixels = frame[mask].astype(np.float64)
+    color = np.asarray(meta.sprites[k].color, np.float64)
+    return float((np.linalg.norm(pixels - color, axis=-1) <= distance).mean())
+
+
+def _sprite_side(world: Optional[WorldConfig], metas: Sequence[FrameMeta], video: VideoConfig) -> int:
+    """The sprites' side in pixels: the world config's, else read off the metadata."""
+    if world is not None:
+        return world.sprite_size
+    return _sprite_size(metas, video) if metas else 0
+
+
 def _find_revisits(metas: Sequence[FrameMeta]) -> list[tuple[int, int, int, bool]]:
     """(sprite position in the frame's list, left, back): list positions in `metas` of the
     absences that ended within them; the rule of `models.world.revisits`."""
@@ -254,27 +275,22 @@ def revisit_recall(gen, truth_meta: Sequence[FrameMeta], video_cfg, *,
     _check_scored_frames("revisit_recall", gen, truth_meta, video, min_visible)
     metas = context_meta + truth_meta
     offset = len(context_meta)
-    size = world.sprite_size if world is not None else (_sprite_size(metas, video) if metas else 0)
+    size = _sprite_side(world, metas, video)
     cache: dict = {}
-    colors = {}
     records = []
     for k, left, back in _find_revisits(metas):
         if back < offset or back - left < min_absence:
             continue
         s = metas[back].sprites[k]
-        color = np.asarray(s.color, np.float64)
-        colors[k] = color
         frames, scores = [], []
         j = back
         while j < len(metas) and metas[j].sprites[k].visible and (
                 frames_after is None or j - back < frames_after):
-            mask, total = _scored_pixels(metas[j], k, size, video, cache)
-            n = int(mask.sum())
-            if n and n >= min_visible * total:
-                pixels = gen[j - offset][mask].astype(np.float64)
-                close = np.linalg.norm(pixels - color, axis=-1) <= distance
+            score = _sprite_score(gen[j - offset], metas[j], k, size, video, cache, distance,
+                                  min_visible)
+            if score is not None:
                 frames.append(metas[j].index)
-                scores.append(float(close.mean()))
+                scores.append(score)
             j += 1
         score = float(np.mean(scores)) if scores else None
         records.append({
@@ -333,20 +349,13 @@ def sprite_visibility(gen, truth_meta: Sequence[FrameMeta], video_cfg, *,
     world = world or world_cfg
     metas = list(truth_meta)
     _check_scored_frames("sprite_visibility", gen, metas, video, min_visible)
-    size = world.sprite_size if world is not None else (_sprite_size(metas, video) if metas else 0)
+    size = _sprite_side(world, metas, video)
     cache: dict = {}
     out = np.full(len(metas), np.nan)
     for j, m in enumerate(metas):
-        scores = []
-        for k, s in enumerate(m.sprites):
-            if not s.visible:
-                continue
-            mask, total = _scored_pixels(m, k, size, video, cache)
-            n = int(mask.sum())
-            if n and n >= min_visible * total:
-                pixels = gen[j][mask].astype(np.float64)
-                close = np.linalg.norm(pixels - np.asarray(s.color, np.float64), axis=-1) <= distance
-                scores.append(float(close.mean()))
+        scores = [_sprite_score(gen[j], m, k, size, video, cache, distance, min_visible)
+                  for k, s in enumerate(m.sprites) if s.visible]
+        scores = [x for x in scores if x is not None]
         if scores:
             out[j] = float(np.mean(scores))
     return out

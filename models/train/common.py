@@ -34,6 +34,7 @@ from ..video_files import VideoFolder
 from ..distributed import DistInfo, barrier, init_distributed, is_main, shard_batch
 from ..dit import CausalDiT
 from . import profiling
+from .snapshots import snapshot_path
 
 STAGE_CODES = {"teacher": 1, "student": 2, "self_forcing": 3}
 
@@ -270,7 +271,7 @@ class StageRun:
         every = self.scfg.snapshot_every
         if not (self.main and every and done % every == 0):
             return None
-        path = self.run_dir / "snapshots" / f"step-{done:05d}.safetensors"
+        path = snapshot_path(self.run_dir, done)
         path.parent.mkdir(exist_ok=True)
         return ckpt.export_weights(path, model.state_dict(), self.cfg,
                                    meta={"stage": self.stage, "step": done})

@@ -21,6 +21,7 @@ MAX_ROUGHNESS = 0.3   # the world's frames score 0.20, per-patch noise climbs pa
 
 
 def snapshot_path(run_dir, step: int) -> Path:
+    """Where a run keeps the snapshot of `step` (written by `StageRun.snapshot`)."""
     return Path(run_dir) / "snapshots" / f"step-{step:05d}.safetensors"
 
 
@@ -47,7 +48,7 @@ def best_snapshot(run_dir, score: str = "val_sprites", steps: Optional[Sequence[
                          + " (snapshots are scored every snapshot_every steps)")
     smooth = {s for s in have if values["val_roughness"].get(s, 0.0) < max_roughness}
     pool = smooth or have
-    best = max(sorted(pool), key=lambda s: (values[score][s], values["val_psnr"].get(s, 0.0), -s))
+    best = max(pool, key=lambda s: (values[score][s], values["val_psnr"].get(s, 0.0), -s))
     return best, snapshot_path(run_dir, best)
 
 
