@@ -115,7 +115,7 @@ class StageConfig:
     # self-forcing stage (DMD)
     fake_updates: int = 5         # fake-score updates per generator update
     fake_lr: float = 0.0          # 0: same as lr
-    rollout_frames: int = 0       # 0: the training horizon
+    rollout_frames: int = 0       # 0: the horizon; more: Self-Forcing++'s long rollout, scored on a window
 
 
 @dataclass(frozen=True)
@@ -301,6 +301,11 @@ def _check(cfg: Config, source: str) -> None:
     if v.frames % v.chunk_frames:
         raise ConfigError(source, "video.frames", v.frames,
                           f"a multiple of video.chunk_frames = {v.chunk_frames}")
+    r = cfg.self_forcing.rollout_frames
+    if r and (r < v.frames or r % v.chunk_frames):
+        raise ConfigError(source, "self_forcing.rollout_frames", r,
+                          f"0 (the horizon) or a multiple of video.chunk_frames = {v.chunk_frames} "
+                          f"of at least video.frames = {v.frames}")
     if m.dim % m.heads or (m.dim // m.heads) % 2:
         raise ConfigError(source, "model.heads", m.heads,
                           f"a divisor of model.dim = {m.dim} leaving an even head dim")

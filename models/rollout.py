@@ -10,7 +10,9 @@ writes the chunk's K/V into the cache, layer by layer (no gradient).
 
 Training (`exit_steps` given): chunk i stops at its denoising step `exit_steps[i]`, and
 only that step carries gradient; the steps before it and every clean pass run without —
-Self-Forcing's recipe, which keeps memory to one step per chunk.
+Self-Forcing's recipe, which keeps memory to one step per chunk. A chunk whose entry is
+None runs all its steps without gradient (the chunks of a long rollout outside the window
+that the loss sees: Self-Forcing++).
 """
 from __future__ import annotations
 
@@ -24,22 +26,24 @@ from .attention import ChunkCache
 
 def rollout(model, cache: ChunkCache, noise: Callable[[int, int], torch.Tensor], frames: int,
             times: Sequence[float], label: Optional[torch.Tensor] = None,
-            context: Optional[torch.Tensor] = None, exit_steps: Optional[Sequence[int]] = None,
+            context: Optional[torch.Tensor] = None, exit_steps: Optional[Sequence[Optional[int]]] = None,
             on_chunk: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
     """Generate `frames` frames (a whole number of chunks). `noise(chunk, step)` returns the
     noise [B, c, C, H, W] of that chunk's denoising step (step 0: the start). Returns the
-    video [B, frames, C, H, W]; with `exit_steps` the chunks carry gradient."""
+    video [B, frames, C, H, W]; with `exit_steps` the chunks carry gradient (those whose
+    entry is not None)."""
     c = model.cfg.video.chunk_frames
     if frames % c:
         raise ValueError(f"frames = {frames}: expected a multiple of chunk_frames = {c}")
     chunks = []
     for i in range(frames // c):
         start = cache.frame_start
-        last = len(times) - 1 if exit_steps is None else int(exit_steps[i])
+        exit_step = None if exit_steps is None else exit_steps[i]
+        last = len(times) - 1 if exit_step is None else int(exit_step)
         x = noise(i, 0)
         B = x.shape[0]
         for j in range(last + 1):
-            carries_grad = exit_steps is not None and j == last
+            carries_grad = exit_step is not None and j == last
             with contextlib.nullcontext() if carries_grad else torch.no_grad():
                 t = torch.full((B, c), times[j], device=x.device)
                 x0 = model(x, t, cache.reader(), frame_start=start, label=label, context=context)

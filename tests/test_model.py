@@ -177,6 +177,29 @@ def test_gradients_flow_through_the_compiled_pattern():
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+def test_rollout_chunks_without_an_exit_step_carry_no_gradient():
+    """A chunk whose exit step is None runs all its denoising steps without gradient (the
+    chunks of a long rollout outside the scored window), exactly as at inference."""
+    model = random_model(7).train()
+    times = denoising_times(CFG.flow.denoising_steps, CFG.flow.shift)
+    shape = (1, 3, 3, 16, 16)
+
+    def run(exit_steps):
+        cache = DenseBackend(CFG, cache_frames=6).new_cache(1, "cpu", torch.float32, max_frames=9)
+        return rollout(model, cache, gaussian_noise(shape, torch.Generator().manual_seed(1)), 9,
+                       times, exit_steps=exit_steps)
+
+    with torch.no_grad():
+        inference = run(None)
+    video = run([None, 1, None])
+    torch.testing.assert_close(video[:, :3], inference[:, :3], rtol=0, atol=0)
+    assert not torch.allclose(video[:, 3:6], inference[:, 3:6])     # stopped at step 1 of 4
+    video[:, :3].sum().backward(retain_graph=True)      # chunk 0 reaches no weight
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    video[:, 3:6].square().mean().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
 def test_bad_pattern_and_preset_options():
     with pytest.raises(ConfigError, match="attention.pattern"):
         make_backend(CFG, "no-such-pattern")

@@ -217,11 +217,12 @@ def test_self_forcing_fake_loss_falls(stages, tmp_path):
     first = load_file(str(tmp_path / "sf" / "snapshots" / snaps[0]))
     assert any(not torch.equal(first[k], last[k]) for k in first)
     # each snapshot continued the held-out world clips: its scores are in the history
-    for key in ("val_psnr", "val_ssim", "val_roughness", "val_vivid", "val_sprites"):
+    for key in ("val_psnr", "val_ssim", "val_roughness", "val_vivid", "val_sprites", "val_vivid_far"):
         assert [s for s, _ in h[key]] == [10, 20, 30], key
         assert all(math.isfinite(v) for _, v in h[key]), h[key]
     assert all(-1 <= v <= 1 for _, v in h["val_ssim"]) and all(v > 0 for _, v in h["val_roughness"])
     assert all(v >= 0 for _, v in h["val_vivid"]) and all(0 <= v <= 1 for _, v in h["val_sprites"])
+    assert all(v >= 0 for _, v in h["val_vivid_far"])
 
 
 # --- 2. exact resume -----------------------------------------------------------------------
@@ -412,6 +413,40 @@ def test_self_forcing_rollout_cache_is_bounded_inside_the_stage(stages, tmp_path
     assert mib == recorded[0][-1] / 2**20
 
 
+def test_long_rollout_scores_one_horizon_window(stages, tmp_path, monkeypatch):
+    """Self-Forcing++'s long rollout: the generator rolls out 24 frames (8 chunks, the dense
+    window rolling past the start), but the fake score and DMD see one chunk-aligned window
+    of the teacher's 9 frames, drawn per step; only the window's chunks carry gradient."""
+    import models.train.self_forcing as sf
+    exits, noised = [], []
+    sf_rollout, sf_add_noise = sf.rollout, sf.add_noise
+
+    def recording_rollout(model, cache, noise, frames, times, exit_steps=None, **kwargs):
+        exits.append(list(exit_steps))
+        return sf_rollout(model, cache, noise, frames, times, exit_steps=exit_steps, **kwargs)
+
+    def recording_add_noise(x0, eps, t):
+        noised.append(x0.shape[1])
+        return sf_add_noise(x0, eps, t)
+
+    monkeypatch.setattr(sf, "rollout", recording_rollout)
+    monkeypatch.setattr(sf, "add_noise", recording_add_noise)
+    cfg = load_config("tiny", overrides={"self_forcing.steps": 6, "self_forcing.fake_updates": 1,
+                                         "self_forcing.rollout_frames": 24,
+                                         "self_forcing.log_every": 1})
+    train_self_forcing(cfg, tmp_path / "sf", stages.teacher, stages.student, pattern="dense",
+                       progress=False)
+    assert set(noised) == {9}, noised                  # the scores never see more than the horizon
+    starts = []
+    for e in exits:
+        assert len(e) == 8
+        graded = [i for i, x in enumerate(e) if x is not None]
+        assert graded == list(range(graded[0], graded[0] + 3)), e     # 3 chunks in a row
+        starts.append(graded[0])
+    assert len(set(starts)) > 1, starts                # the window moves between steps
+    assert all(math.isfinite(v) for _, v in history(tmp_path / "sf")["dmd_loss"])
+
+
 # --- 6. bad configs and checkpoints --------------------------------------------------------
 def cli_error(capsys, *argv: str) -> str:
     """Run the CLI in-process; it must exit with code 2 and one line of error on stderr."""
@@ -436,8 +471,13 @@ TINY_TOML = str(REPO / "models" / "configs" / "tiny.toml")
     (["--set", "teacher.steps"], ["--set", "KEY=VALUE"]),
     (["--set", "teacher.checkpoint_every=0"], [TINY_TOML, "teacher.checkpoint_every", "0", ">= 1"]),
     (["--set", "student.snapshot_every=-2"], [TINY_TOML, "student.snapshot_every", "-2", ">= 0"]),
+    (["--set", "self_forcing.rollout_frames=6"],
+     [TINY_TOML, "self_forcing.rollout_frames", "6", "at least video.frames = 9"]),
+    (["--set", "self_forcing.rollout_frames=19"],
+     [TINY_TOML, "self_forcing.rollout_frames", "19", "multiple of video.chunk_frames = 3"]),
 ], ids=["unknown-section", "unknown-key", "wrong-type", "bare-word", "cross-field", "no-value",
-        "zero-checkpoint-interval", "negative-snapshot-interval"])
+        "zero-checkpoint-interval", "negative-snapshot-interval", "rollout-shorter-than-horizon",
+        "rollout-not-whole-chunks"])
 def test_bad_override(capsys, tmp_path, args, names):
     line = cli_error(capsys, "train", "teacher", "--config", "tiny", "--run-dir",
                      str(tmp_path / "run"), "--no-progress", *args)

@@ -12,6 +12,14 @@ Per step (one generator update):
    score (the frozen teacher) and the fake score's x0 predictions, and step along
    (fake - real) / mean|x0 - real| (DMD's normalised gradient), through the rollout.
 The teacher is bidirectional, so both scores see the whole generated clip at once.
+
+Long rollouts (`rollout_frames` past the training horizon, Self-Forcing++): the generator
+rolls out `rollout_frames` frames, the cache rolling or its memory updating as at inference
+far past the horizon, and steps 2-3 see one window of the horizon's length, chunk-aligned
+and drawn per step; only the window's chunks carry gradient. The teacher and the fake
+score never see more frames than the teacher was trained on, and the generator learns to
+continue from a cache that has already forgotten the start — what a rollout past the
+horizon meets at inference and a horizon-long rollout never shows it.
 """
 from __future__ import annotations
 
@@ -56,9 +64,19 @@ class SelfForcingStep:
         self.gen_opt = run.optimizer(generator, s.lr, betas=(0.0, 0.999))
         self.fake_lr = s.fake_lr or s.lr
         self.fake_opt = run.optimizer(fake, self.fake_lr, betas=(0.0, 0.999))
-        self.frames = s.rollout_frames or run.cfg.video.frames
+        self.horizon = run.cfg.video.frames            # what the teacher was trained on
+        self.frames = s.rollout_frames or self.horizon
         self.times = denoising_times(run.cfg.flow.denoising_steps, run.cfg.flow.shift)
         self.whole = SequenceAttention(None, run.cfg.tokens_per_frame)
+
+    def window_start(self, step: int) -> int:
+        """The first frame of the window the scores see: 0 for a horizon-long rollout, else a
+        chunk boundary drawn uniformly per step (the same for every process)."""
+        c = self.run.cfg.video.chunk_frames
+        starts = (self.frames - self.horizon) // c + 1
+        if starts == 1:
+            return 0
+        return c * int(torch.randint(starts, (1,), generator=self.run.generator(step, -2)))
 
     def state_objects(self) -> dict:
         return {"generator": self.generator, "fake": self.fake, "gen_optim": self.gen_opt,
@@ -69,14 +87,19 @@ class SelfForcingStep:
         v, frames, times = cfg.video, self.frames, self.times
         c = v.chunk_frames
         idx = run.local_indices(step)
-        # 1. the rollout, gradient through one random denoising step per chunk
+        # 1. the rollout, gradient through one random denoising step per chunk of the window
         exits = torch.randint(len(times), (frames // c,), generator=run.generator(step, -1)).tolist()
+        first = self.window_start(step) // c
+        window = range(first, first + self.horizon // c)
+        exits = [e if i in window else None for i, e in enumerate(exits)]
         noises = per_sample(run, step, idx, lambda g: torch.randn(
             frames // c, len(times), c, v.channels, v.height, v.width, generator=g))
         cache = self.backend.new_cache(len(idx), run.device, run.compute_dtype, max_frames=frames)
         with run.autocast():
             video = rollout(self.generator, cache, lambda i, j: noises[:, i, j], frames, times,
                             exit_steps=exits).float()
+        video = video[:, window.start * c:window.stop * c]
+        frames = self.horizon
         cache_bytes = cache.nbytes()
         del cache
         # 2. the fake score follows the generator's current distribution

@@ -10,7 +10,9 @@ sprite scores say what PSNR does not: `val_vivid`, the generated frames' share o
 sprite-coloured pixels over the truth's (1 when the generator keeps drawing as many sprites,
 0 when it loses them), and `val_sprites`, the share of the true sprites' pixels drawn in their
 colour where the world has them (`metrics.sprite_visibility`). Together they say which
-snapshot to keep without another GPU call.
+snapshot to keep without another GPU call. The continuation goes on for a second horizon,
+where `val_vivid_far` is the same sprite-pixel ratio: whether the generator still draws
+sprites once the window has rolled past the given frames (a rolling window's failure).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from ..world import render
 
 VALIDATION_SEEDS = tuple(range(900_000, 900_008))   # far from the training clips' seeds
 PREFIX_CHUNKS = 2
+FAR_HORIZON = 2          # the continuation runs to 2x the horizon; val_vivid_far scores the 2nd
 
 
 def roughness(video: torch.Tensor) -> float:
@@ -37,28 +40,39 @@ def roughness(video: torch.Tensor) -> float:
 
 @torch.no_grad()
 def continuation_scores(model, backend, run, seeds=VALIDATION_SEEDS) -> dict[str, float]:
-    """{'val_psnr', 'val_ssim', 'val_roughness', 'val_vivid', 'val_sprites'} of `model`
-    continuing held-out world clips (the first PREFIX_CHUNKS chunks given, the rest of the
-    horizon generated)."""
+    """{'val_psnr', 'val_ssim', 'val_roughness', 'val_vivid', 'val_sprites', 'val_vivid_far'}
+    of `model` continuing held-out world clips (the first PREFIX_CHUNKS chunks given, the rest
+    of the horizon scored, and the horizon after it for val_vivid_far)."""
     cfg = run.cfg
     v = cfg.video
     P = PREFIX_CHUNKS * v.chunk_frames
-    N = v.frames - P
-    rendered = [render(seed, 0, v.frames, v, cfg.world) for seed in seeds]
-    clips = [frames for frames, _ in rendered]
-    prefix = torch.stack([from_uint8(c[:P]) for c in clips]).to(run.device)
+    N, far = v.frames - P, FAR_HORIZON * v.frames
+    rendered = [render(seed, 0, far, v, cfg.world) for seed in seeds]
+    prefix = torch.stack([from_uint8(f[:P]) for f, _ in rendered]).to(run.device)
     was_training = model.training
     model.eval()
-    generated = continue_video(model, backend, cfg, prefix, N, torch.Generator().manual_seed(0),
-                               run.compute_dtype, autocast=run.autocast())
+    continued = continue_video(model, backend, cfg, prefix, far - P,
+                               torch.Generator().manual_seed(0), run.compute_dtype,
+                               autocast=run.autocast())
     model.train(was_training)
+    generated = continued[:, :N]
     gen = [to_uint8(g) for g in generated.cpu()]
+    gen_far = [to_uint8(g) for g in continued[:, N:].cpu()]      # frames [horizon, far)
+    truth_far = [f[v.frames:] for f, _ in rendered]
+    rendered = [(f[:v.frames], m[:v.frames]) for f, m in rendered]
+    clips = [frames for frames, _ in rendered]
     psnr = np.concatenate([psnr_per_frame(g, c[P:]) for g, c in zip(gen, clips)])
     ssim = np.concatenate([ssim_per_frame(g, c[P:]) for g, c in zip(gen, clips)])
-    vivid_gen = np.mean([vivid_fraction(g).mean() for g in gen])
-    vivid_truth = np.mean([vivid_fraction(c[P:]).mean() for c in clips])
     shown = np.concatenate([sprite_visibility(g, meta[P:], cfg) for g, (_, meta) in zip(gen, rendered)])
     return {"val_psnr": float(np.mean(np.minimum(psnr, 100.0))), "val_ssim": float(np.mean(ssim)),
             "val_roughness": roughness(generated),
-            "val_vivid": float(vivid_gen / max(vivid_truth, 1e-9)),
-            "val_sprites": float(np.nanmean(shown)) if np.isfinite(shown).any() else 0.0}
+            "val_vivid": vivid_ratio(gen, [c[P:] for c in clips]),
+            "val_sprites": float(np.nanmean(shown)) if np.isfinite(shown).any() else 0.0,
+            "val_vivid_far": vivid_ratio(gen_far, truth_far)}
+
+
+def vivid_ratio(generated, truth) -> float:
+    """The generated frames' share of sprite-coloured pixels over the truth's."""
+    gen = np.mean([vivid_fraction(g).mean() for g in generated])
+    true = np.mean([vivid_fraction(t).mean() for t in truth])
+    return float(gen / max(true, 1e-9))
