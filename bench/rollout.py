@@ -40,8 +40,9 @@ Flex) and it did not finish inside a call: time it alone (`--presets moba --tile
 
 `--dense-path on|off` forces the dense path (one SDPA over the visited frames at the steps
 `Schedule.frames_at` names) on or off instead of `PBSAProgram.path_at`'s choice, and
-`--dense-sdpa flash|cudnn` picks its SDPA kernel on CUDA, so both can be timed against the
-block kernels in one run.
+`--dense-sdpa flash|cudnn` picks its SDPA kernel on CUDA, and `--dense-keys one-buffer|cat`
+how it gathers its keys (codegen.attention.dense_step.DENSE_PATH_KEYS), so each can be timed
+against the block kernels in one run.
 
 Prints one markdown table per (preset, tile) with the device, the date, the torch / triton
 versions and the command; `--out FILE` appends them to FILE; a PNG of ms vs step goes to
@@ -583,6 +584,9 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--dense-sdpa", choices=("flash", "cudnn"), default=None,
                    help="the dense path's SDPA kernel on CUDA (default: "
                         "codegen.attention.dense_step.DENSE_PATH_SDPA_CUDA)")
+    p.add_argument("--dense-keys", choices=("one-buffer", "cat"), default=None,
+                   help="how the dense path gathers its keys (default: "
+                        "codegen.attention.dense_step.DENSE_PATH_KEYS)")
     p.add_argument("--warmup", type=positive_int, default=25, help="do_bench warm-up ms (25)")
     p.add_argument("--rep", type=positive_int, default=100, help="do_bench repetition ms (100)")
     p.add_argument("--seed", type=int, default=0)
@@ -659,6 +663,8 @@ def main(argv=None) -> int:
     steps = set(timed_steps(args))
     if args.dense_sdpa is not None:
         dense_step.DENSE_PATH_SDPA_CUDA = args.dense_sdpa
+    if args.dense_keys is not None:
+        dense_step.DENSE_PATH_KEYS = args.dense_keys
     command = command_line(argv)
     results, tables = [], []
     with torch.no_grad():   # forward timings: no autograd graph around the calls

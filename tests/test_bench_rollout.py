@@ -72,12 +72,15 @@ def test_bad_option_fails_with_one_line_naming_it(tmp_path, args, option):
     assert "### Rollout" not in result.stdout
 
 
-@pytest.mark.parametrize("dense_path, want", [("on", ["dense"] * 3), ("off", ["sparse"] * 3)])
-def test_dense_path_option_forces_the_path(tmp_path, dense_path, want):
+@pytest.mark.parametrize("dense_path, keys, want", [("on", "one-buffer", ["dense"] * 3),
+                                                    ("on", "cat", ["dense"] * 3),
+                                                    ("off", "one-buffer", ["sparse"] * 3)])
+def test_dense_path_option_forces_the_path(tmp_path, dense_path, keys, want):
     """--dense-path on takes the dense path at every step sink + window visits whole frames
-    (all of them); off keeps the block kernels; the table's path column says which ran."""
+    (all of them); off keeps the block kernels; the table's path column says which ran
+    (with either --dense-keys)."""
     result = run("--tiny", "--presets", "sink-window", "--no-flex", "--plot", "none",
-                 "--dense-path", dense_path, tmp_path=tmp_path)
+                 "--dense-path", dense_path, "--dense-keys", keys, tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (rows,) = tables(result.stdout).values()
     assert [r["program path"] for r in rows] == want

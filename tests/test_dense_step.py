@@ -25,9 +25,9 @@ PRESETS = {
 }
 
 
-def _schedule(name, dtype="float32", heads=4, kv_heads=2):
+def _schedule(name, dtype="float32", heads=4, kv_heads=2, head_dim=8):
     pattern = sd.presets.get(name, layout=LAYOUT, **PRESETS[name])
-    return sd.lower(pattern, num_heads=heads, num_kv_heads=kv_heads, head_dim=8, dtype=dtype)
+    return sd.lower(pattern, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
 
 
 @settings(max_examples=40, deadline=None)
@@ -114,13 +114,34 @@ def _rollout(program, chunks, dense_path: bool):
     return results
 
 
+@torch.no_grad()
+def _outputs_without_grad(program, chunks):
+    """Outputs and LSEs of every step without autograd (the one-buffer key gather's case)."""
+    program.dense_path = True
+    cache = program.new_cache(batch=chunks[0][0].shape[0], num_layers=1,
+                              dtype=chunks[0][0].dtype, device=chunks[0][0].device)
+    results = []
+    for q, k, v in chunks:
+        results.append(program.attention(q, k, v, cache.tables(0)))
+        cache.commit(0, q, k, v)
+    return results
+
+
+@pytest.mark.parametrize("keys, head_dim", [("one-buffer", 16), ("one-buffer", 8), ("cat", 16)],
+                         ids=["one-buffer", "one-buffer-padded-head-dim", "cat"])
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_dense_path_equals_the_sparse_kernels_and_the_reference(name):
-    schedule = _schedule(name)
+def test_dense_path_equals_the_sparse_kernels_and_the_reference(name, keys, head_dim, monkeypatch):
+    """Both key layouts of the dense path (head dim 8: the kernels pad it to 16, and the
+    one-buffer gather falls back to the concatenation)."""
+    from codegen.attention import dense_step
+    monkeypatch.setattr(dense_step, "DENSE_PATH_KEYS", keys)
+    schedule = _schedule(name, head_dim=head_dim)
     program = PBSAProgram(schedule, backend="torch")
+    assert (program.kernel_head_dim == head_dim) == (head_dim == 16)
     steps = 5
     chunks = [tuple(x.float() for x in c) for c in chunk_tensors(schedule, 2, seed=3, steps=steps)]
     dense = _rollout(program, chunks, dense_path=True)
+    no_grad = _outputs_without_grad(program, chunks)
     sparse = _rollout(program, chunks, dense_path=False)
     paths = [r[0] for r in dense]
     assert paths == ["dense" if schedule.frames_at(t) is not None else "sparse"
@@ -132,9 +153,11 @@ def test_dense_path_equals_the_sparse_kernels_and_the_reference(name):
         q, k, v = (x.double() for x in chunks[t])
         want, want_lse, _ = reference.attention(schedule, state, q, k, v)
         state = reference.commit(schedule, state, q, k, v)
-        torch.testing.assert_close(d[1].double(), want, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(d[2][:, :, valid].double(), want_lse[:, :, valid], rtol=1e-5, atol=1e-5)
-        assert bool((d[1][:, :, ~valid] == 0).all()) and bool((d[2][:, :, ~valid] == -torch.inf).all())
+        for out, lse in (d[1:3], no_grad[t]):
+            torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(lse[:, :, valid].double(), want_lse[:, :, valid],
+                                       rtol=1e-5, atol=1e-5)
+            assert bool((out[:, :, ~valid] == 0).all()) and bool((lse[:, :, ~valid] == -torch.inf).all())
         assert d[2].dtype == s[2].dtype == torch.float32
         for got, ref in zip(d[3:], s[3:]):       # dq, dk, dv: the two paths agree
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
@@ -216,10 +239,13 @@ def test_dense_steps_whose_persistent_set_holds_every_evicted_block():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, sdpa", [(torch.bfloat16, "flash"), (torch.bfloat16, "cudnn"),
-                                         (torch.float32, "flash")])
+@pytest.mark.parametrize("dtype, sdpa, keys", [(torch.bfloat16, "flash", "one-buffer"),
+                                               (torch.bfloat16, "cudnn", "one-buffer"),
+                                               (torch.bfloat16, "cudnn", "cat"),
+                                               (torch.float32, "flash", "one-buffer")])
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_dense_path_on_cuda_equals_the_reference_and_the_kernels(name, dtype, sdpa, monkeypatch):
+def test_dense_path_on_cuda_equals_the_reference_and_the_kernels(name, dtype, sdpa, keys,
+                                                                  monkeypatch):
     """The GPU check that DENSE_PATH_CHECKED_ON_CUDA (and DENSE_PATH_SDPA_CUDA = "cudnn")
     wait for: the dense path forced on (flash or cuDNN SDPA in bf16, memory-efficient SDPA in
     fp32) against the float64 reference and the generated Triton kernels, outputs, LSE and
@@ -227,11 +253,13 @@ def test_dense_path_on_cuda_equals_the_reference_and_the_kernels(name, dtype, sd
     from codegen.attention import dense_step
     from codegen.check import TOL
     monkeypatch.setattr(dense_step, "DENSE_PATH_SDPA_CUDA", sdpa)
-    schedule = _schedule(name, dtype=str(dtype).replace("torch.", ""))
+    monkeypatch.setattr(dense_step, "DENSE_PATH_KEYS", keys)
+    schedule = _schedule(name, dtype=str(dtype).replace("torch.", ""), head_dim=16)
     program = PBSAProgram(schedule, backend="triton")
     chunks = [tuple(x.to("cuda", dtype) for x in c)
               for c in chunk_tensors(schedule, 2, seed=4, steps=5)]
     dense, sparse = (_rollout(program, chunks, dense_path=d) for d in (True, False))
+    no_grad = _outputs_without_grad(program, chunks)
     valid = LAYOUT.valid_token_mask(LAYOUT.chunk_frames).cuda()
     tol = TOL[dtype]
     state = reference.new_state(schedule, 2)
@@ -239,8 +267,9 @@ def test_dense_path_on_cuda_equals_the_reference_and_the_kernels(name, dtype, sd
         q, k, v = (x.double().cpu() for x in chunks[t])
         want, want_lse, _ = reference.attention(schedule, state, q, k, v)
         state = reference.commit(schedule, state, q, k, v)
-        err = (d[1].double().cpu() - want).norm() / want.norm()
-        assert err < tol, f"step {t} ({d[0]}): relative error {err:.2e}"
+        for out in (d[1], no_grad[t][0]):
+            err = (out.double().cpu() - want).norm() / want.norm()
+            assert err < tol, f"step {t} ({d[0]}): relative error {err:.2e}"
         torch.testing.assert_close(d[2][:, :, valid].double().cpu(), want_lse[:, :, valid.cpu()],
                                    rtol=10 * tol, atol=10 * tol)
         for got, ref in zip(d[3:], s[3:]):

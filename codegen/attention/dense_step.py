@@ -38,6 +38,17 @@ def _frame_token_map(program, device) -> tuple[torch.Tensor, torch.Tensor]:
     return consts[key]
 
 
+def _padding_rows(program, real: torch.Tensor, rows: int) -> torch.Tensor:
+    """The rows of a chunk's [.., rows, d] query layout that `real` leaves out, long."""
+    key = ("dense_padding_rows", str(real.device), rows)
+    consts = program._device_constants
+    if key not in consts:
+        keep = torch.zeros(rows, dtype=torch.bool, device=real.device)
+        keep[real] = True
+        consts[key] = (~keep).nonzero()[:, 0]
+    return consts[key]
+
+
 def earlier_slots(program, tables: BlockTables, step: int) -> torch.Tensor:
     """Pool slots of the blocks of `Schedule.frames_at(step)` in block order,
     [B, Hkv, frames * blocks_per_frame] long: the sink's, the persistent set's (at such a
@@ -73,6 +84,49 @@ def earlier_keys(program, pool: torch.Tensor, slots: torch.Tensor, frames: int) 
     base = torch.arange(B * Hkv, device=pool.device).view(B, Hkv, 1) * (NSLOTS * BT)
     rows = pool.reshape(B * Hkv * NSLOTS * BT, D).index_select(0, (base + tokens).reshape(-1))
     return rows.view(B, Hkv, -1, D)[..., :s.head_dim]
+
+
+def step_keys(program, pool: torch.Tensor, slots: torch.Tensor, frames: int,
+              chunk: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """The earlier frames' real tokens (as `earlier_keys`) followed by the chunk's real tokens
+    `chunk[:, :, real]`, [B, Hkv, frames * tokens_per_frame + len(real), d], gathered by two
+    `index_select`s straight into one buffer. The buffer is token-major in memory ([L, B,
+    Hkv, d], returned as a permuted view), so each part is a contiguous slice of it: no
+    `torch.cat` pass over the keys afterwards. A prefix over the key axis (the chunk's
+    frames <= f under the causal rule) is again a view. Without gradient only (inference, and
+    every denoising step of a rollout but the one that trains)."""
+    s = program.schedule
+    B, Hkv, NSLOTS, BT, D = pool.shape
+    # the kernels pad the head dim (slice), and out= has no autograd (training: the chunk's
+    # keys carry gradient): the concatenation
+    if D != s.head_dim or chunk.dtype != pool.dtype or (chunk.requires_grad and torch.is_grad_enabled()):
+        return concatenated_keys(program, pool, slots, frames, chunk, real)
+    nb = s.blocks_per_frame
+    block, offset = _frame_token_map(program, pool.device)
+    frame = torch.arange(frames, device=pool.device)[:, None]
+    which = (frame * nb + block[None, :]).reshape(-1)
+    tokens = slots.gather(2, which.expand(B, Hkv, -1)) * BT + offset.repeat(frames)
+    base = torch.arange(B * Hkv, device=pool.device).view(B, Hkv, 1) * (NSLOTS * BT)
+    past_rows = (base + tokens).permute(2, 0, 1).reshape(-1)            # token-major order
+    Lp = which.numel()
+    buf = pool.new_empty(Lp + real.numel(), B, Hkv, D)
+    torch.index_select(pool.reshape(-1, D), 0, past_rows, out=buf[:Lp].view(-1, D))
+    torch.index_select(chunk.permute(2, 0, 1, 3), 0, real, out=buf[Lp:])
+    return buf.permute(1, 2, 0, 3)
+
+
+def concatenated_keys(program, pool, slots, frames, chunk, real) -> torch.Tensor:
+    """What `step_keys` returns, as `earlier_keys` and a torch.cat with the chunk's keys."""
+    past = earlier_keys(program, pool, slots, frames).to(chunk.dtype)
+    return torch.cat([past, chunk.index_select(2, real)], 2)
+
+
+# How the dense path lays out its keys: "one-buffer" (`step_keys`: the earlier frames' and the
+# chunk's real tokens gathered into one token-major buffer) or "cat" (`earlier_keys`, then a
+# torch.cat with the chunk's keys: one more pass over the keys). bench/rollout.py --dense-keys
+# times both.
+DENSE_PATH_KEYS = "one-buffer"
+_KEY_LAYOUTS = ("one-buffer", "cat")
 
 
 # The fused SDPA kernel of the dense path on CUDA for bf16/fp16: "cudnn" (cuDNN's fused
@@ -126,20 +180,27 @@ def dense_step_attention(program, q, k, v, tables: BlockTables):
     step = tables.step
     frames = len(s.frames_at(step))
     real = program.chunk_real_index(q.device)                   # [c * tokens_per_frame]
-    qr, kr, vr = (x.index_select(2, real) for x in (q, k, v))
+    padded = real.numel() < q.shape[2]
+    qr = q.index_select(2, real) if padded else q
     slots = earlier_slots(program, tables, step)
-    past_k = earlier_keys(program, tables.k_pool, slots, frames).to(k.dtype)
-    past_v = earlier_keys(program, tables.v_pool, slots, frames).to(v.dtype)
+    if DENSE_PATH_KEYS not in _KEY_LAYOUTS:
+        raise ValueError(f"codegen.attention.dense_step.DENSE_PATH_KEYS = {DENSE_PATH_KEYS!r}, "
+                         f"allowed: {', '.join(map(repr, _KEY_LAYOUTS))}")
+    gather = step_keys if DENSE_PATH_KEYS == "one-buffer" else concatenated_keys
+    keys = gather(program, tables.k_pool, slots, frames, k, real)
+    values = gather(program, tables.v_pool, slots, frames, v, real)
     if s.current == "dense":
-        out, lse = attention_with_lse(qr, torch.cat([past_k, kr], 2), torch.cat([past_v, vr], 2),
-                                      program.scale)
+        out, lse = attention_with_lse(qr, keys, values, program.scale)
     else:   # causal by frame: frame f of the chunk sees the chunk's frames <= f
-        n = lay.tokens_per_frame
-        parts = [attention_with_lse(qr[:, :, f * n:(f + 1) * n],
-                                    torch.cat([past_k, kr[:, :, :(f + 1) * n]], 2),
-                                    torch.cat([past_v, vr[:, :, :(f + 1) * n]], 2), program.scale)
+        n, past = lay.tokens_per_frame, frames * lay.tokens_per_frame
+        parts = [attention_with_lse(qr[:, :, f * n:(f + 1) * n], keys[:, :, :past + (f + 1) * n],
+                                    values[:, :, :past + (f + 1) * n], program.scale)
                  for f in range(lay.chunk_frames)]
         out, lse = torch.cat([o for o, _ in parts], 2), torch.cat([m for _, m in parts], 2)
-    full = q.new_zeros(q.shape).index_copy(2, real, out.to(q.dtype))
-    full_lse = torch.full(q.shape[:-1], float("-inf"), device=q.device).index_copy(2, real, lse)
+    if not padded:
+        return out.to(q.dtype), lse
+    # only the padded rows are filled: the real ones are written once by index_copy_
+    pad = _padding_rows(program, real, q.shape[2])
+    full = q.new_empty(q.shape).index_copy_(2, real, out.to(q.dtype)).index_fill_(2, pad, 0)
+    full_lse = lse.new_empty(q.shape[:-1]).index_copy_(2, real, lse).index_fill_(2, pad, float("-inf"))
     return full, full_lse
