@@ -32,6 +32,7 @@ import sparsedsl as sd
 from sparsedsl import presets
 
 from .config import Config, ConfigError
+from .rope import apply_rope, time_shift_angles
 
 
 # =========================================================================================
@@ -185,13 +186,29 @@ class DenseCache(ChunkCache):
 
 class PatternCache(ChunkCache):
     """A compiled sparsedsl program and its RolloutCache, behind the ChunkCache interface:
-    tokens move between the model's raster order and the kernels' tile-major layout."""
+    tokens move between the model's raster order and the kernels' tile-major layout.
 
-    def __init__(self, program, rollout_cache, layout: sd.VideoLayout):
+    `realign` (attention.memory_positions = "realigned"): before a step's first attention in
+    each layer, the keys of the sink's and the persistent set's blocks (and their key
+    representatives) are rotated in place to the frame just before the window's oldest
+    frame, so a memory block is always as far from the chunk as the window's edge — a
+    distance training shows — instead of growing without bound (Deep Forcing's
+    re-alignment of the sink, applied to the whole memory). RoPE's time rotation composes,
+    so each step rotates by the difference to where a slot's keys already are; a slot
+    written since the last step holds its own frame. Window blocks are never moved."""
+
+    def __init__(self, program, rollout_cache, layout: sd.VideoLayout, realign: bool = False,
+                 head_dim: int = 0, rope_theta: float = 10000.0):
         self.program, self.cache, self.layout = program, rollout_cache, layout
         self.num_layers = rollout_cache.num_layers
         self.chunk_frames = layout.chunk_frames
         self._index: dict = {}
+        s = program.schedule
+        self.realign = realign and bool(s.sink_frames or s.capacity)
+        self.head_dim, self.rope_theta = head_dim, rope_theta
+        self._at: list = [None] * self.num_layers       # frame each slot's keys are rotated to
+        self._held: list = [None] * self.num_layers     # slot_block when they were
+        self._aligned_step = [-1] * self.num_layers
 
     @property
     def frame_start(self) -> int:
@@ -201,9 +218,50 @@ class PatternCache(ChunkCache):
         return self.layout.to_tile_major(x, self.chunk_frames)
 
     def attend(self, layer, q, k, v):
+        tables = self.cache.tables(layer)
+        if self.realign and self._aligned_step[layer] != tables.step:
+            self._realign_memory(layer, tables)
         out, _ = self.program.attention(self._tiles(q), self._tiles(k), self._tiles(v),
-                                        self.cache.tables(layer))   # trusted: no host sync
+                                        tables)   # trusted: no host sync
         return self.layout.from_tile_major(out, self.chunk_frames)
+
+    def memory_slots(self, tables) -> torch.Tensor:
+        """Bool [B, Hkv, NSLOTS]: the slots of the sink's and the persistent set's blocks."""
+        s = self.program.schedule
+        block = tables.slot_block
+        count = torch.zeros(block.shape, dtype=torch.int32, device=block.device)
+        n_sink = min(s.sink_frames, tables.step * s.chunk_frames) * s.blocks_per_frame
+        if n_sink:
+            count.scatter_add_(2, tables.sink_slots[:, :, :n_sink].long(),
+                               torch.ones_like(tables.sink_slots[:, :, :n_sink]))
+        ps = tables.persistent_slots.long()
+        if ps.shape[2]:
+            valid = torch.arange(ps.shape[2], device=ps.device) < tables.persistent_count[..., None]
+            count.scatter_add_(2, ps.clamp(min=0), valid.int())
+        return (count > 0) & (block >= 0)
+
+    @torch.no_grad()
+    def _realign_memory(self, layer: int, tables) -> None:
+        s = self.program.schedule
+        block = tables.slot_block.long()
+        own = torch.where(block >= 0, block // s.blocks_per_frame, 0)     # each block's frame
+        at, held = self._at[layer], self._held[layer]
+        if at is None:
+            at = own
+        else:
+            if at.shape != block.shape:       # the pool grew: its new slots are fresh
+                grown = own.clone()
+                grown[..., :at.shape[2]] = at
+                at, held = grown, torch.cat([held, block[..., held.shape[2]:]], dim=2)
+            at = torch.where(block == held, at, own)
+        start = s.window_frames_range(tables.step)[0]
+        target = torch.where(self.memory_slots(tables), torch.clamp(own, min=start - 1), own)
+        cos, sin = time_shift_angles(target - at, self.head_dim, self.rope_theta)
+        d = self.head_dim
+        tables.k_pool[..., :d] = apply_rope(tables.k_pool[..., :d], cos[..., None, :], sin[..., None, :])
+        tables.k_rep[..., :d] = apply_rope(tables.k_rep[..., :d], cos, sin)
+        self._at[layer], self._held[layer] = target, block.clone()
+        self._aligned_step[layer] = tables.step
 
     def commit(self, layer, q, k, v) -> None:
         self.cache.commit(layer, self._tiles(q), self._tiles(k), self._tiles(v))
@@ -254,10 +312,14 @@ class PatternBackend:
     def new_cache(self, batch: int, device, dtype, max_frames: Optional[int] = None) -> PatternCache:
         cache = self.program.new_cache(batch=batch, num_layers=self.cfg.model.layers,
                                        device=device, dtype=dtype, max_frames=max_frames)
-        return PatternCache(self.program, cache, self.layout)
+        return PatternCache(self.program, cache, self.layout,
+                            realign=self.cfg.attention.memory_positions == "realigned",
+                            head_dim=self.cfg.head_dim, rope_theta=self.cfg.model.rope_theta)
 
     def describe(self) -> str:
-        return f"sparsedsl pattern {self.name}: {self.program!r}"
+        realigned = (", memory realigned to the window's edge"
+                     if self.cfg.attention.memory_positions == "realigned" else "")
+        return f"sparsedsl pattern {self.name}{realigned}: {self.program!r}"
 
 
 def model_layout(cfg: Config) -> sd.VideoLayout:

@@ -82,6 +82,10 @@ class AttentionConfig:
     sink_frames: int = 0          # dense baseline: frames kept forever ahead of the window
     pattern: str = "dense"        # self-forcing stage and generation: "dense", a preset name or a .py file
     presets: dict = field(default_factory=dict)   # preset name -> keyword overrides at this geometry
+    # a compiled pattern's sink and persistent blocks past the horizon: "absolute" (each keeps
+    # its frame's RoPE position) or "realigned" (moved to the frame just before the window at
+    # every chunk); docs/model.md, "Positions past the training horizon"
+    memory_positions: str = "absolute"
 
 
 @dataclass(frozen=True)
@@ -157,7 +161,7 @@ SECTIONS = {"video": VideoConfig, "world": WorldConfig, "model": ModelConfig,
             "attention": AttentionConfig, "flow": FlowConfig, "teacher": StageConfig,
             "student": StageConfig, "self_forcing": StageConfig}
 TOP_LEVEL = {"name": str, "device": str, "precision": str}
-CHOICES = {"model.time_rope": ("absolute",), "model.prediction": ("x",),
+CHOICES = {"model.time_rope": ("absolute",), "attention.memory_positions": ("absolute", "realigned"), "model.prediction": ("x",),
            "precision": ("bf16", "fp32")}
 
 

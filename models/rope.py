@@ -5,8 +5,10 @@ The head dim D is cut into a time part of D - 4*(D//6) channels and row / column
 the cache already rotated (Self-Forcing; docs/design.md), so a cached block keeps the
 position of its own frame. Attention scores then depend only on position differences.
 
-`time_rope = "absolute"` (the one mode so far): a frame's time position is its index in
-the video. docs/model.md records why and what is left to measure.
+`time_rope = "absolute"`: a frame's time position is its index in the video. A pattern's
+memory (sink and persistent blocks) can instead be moved to the frame just before its window
+at every chunk (`attention.memory_positions = "realigned"`, models/attention.py), with
+`time_shift_angles`; docs/model.md says which was chosen, and the measurement.
 """
 from __future__ import annotations
 
@@ -34,6 +36,18 @@ def rope_angles(frames: torch.Tensor, rows: int, cols: int, head_dim: int,
     x = torch.arange(cols, **cpu)[None, None, :].expand(len(frames), rows, cols).reshape(-1)
     angles = torch.cat([f[:, None] * _freqs(dt, theta), y[:, None] * _freqs(dh, theta),
                         x[:, None] * _freqs(dw, theta)], dim=1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def time_shift_angles(delta_frames: torch.Tensor, head_dim: int,
+                      theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [*delta.shape, head_dim // 2] that move already-rotated keys by
+    `delta_frames` frames in time (rows and columns untouched: angle 0): RoPE's rotations
+    compose, so apply_rope(apply_rope(k, at f), shift d) == apply_rope(k, at f + d)."""
+    dt, dh, dw = split_dims(head_dim)
+    d = delta_frames.to(torch.float64)[..., None]          # on its own device: no host sync
+    angles = torch.cat([d * _freqs(dt, theta).to(d.device),
+                        d.new_zeros(*d.shape[:-1], (dh + dw) // 2)], dim=-1)
     return angles.cos().float(), angles.sin().float()
 
 
