@@ -124,8 +124,11 @@ def concatenated_keys(program, pool, slots, frames, chunk, real) -> torch.Tensor
 # How the dense path lays out its keys: "one-buffer" (`step_keys`: the earlier frames' and the
 # chunk's real tokens gathered into one token-major buffer) or "cat" (`earlier_keys`, then a
 # torch.cat with the chunk's keys: one more pass over the keys). bench/rollout.py --dense-keys
-# times both.
+# times both. On CUDA "cat" stays the default until one-buffer has been checked against the
+# float64 reference and timed on a GPU (written 2026-12-07 when no GPU could be had:
+# `pytest -m gpu tests/test_dense_step.py` covers both).
 DENSE_PATH_KEYS = "one-buffer"
+DENSE_PATH_KEYS_CUDA = "cat"
 _KEY_LAYOUTS = ("one-buffer", "cat")
 
 
@@ -183,10 +186,12 @@ def dense_step_attention(program, q, k, v, tables: BlockTables):
     padded = real.numel() < q.shape[2]
     qr = q.index_select(2, real) if padded else q
     slots = earlier_slots(program, tables, step)
-    if DENSE_PATH_KEYS not in _KEY_LAYOUTS:
-        raise ValueError(f"codegen.attention.dense_step.DENSE_PATH_KEYS = {DENSE_PATH_KEYS!r}, "
+    name = "DENSE_PATH_KEYS_CUDA" if q.is_cuda else "DENSE_PATH_KEYS"
+    layout = globals()[name]
+    if layout not in _KEY_LAYOUTS:
+        raise ValueError(f"codegen.attention.dense_step.{name} = {layout!r}, "
                          f"allowed: {', '.join(map(repr, _KEY_LAYOUTS))}")
-    gather = step_keys if DENSE_PATH_KEYS == "one-buffer" else concatenated_keys
+    gather = step_keys if layout == "one-buffer" else concatenated_keys
     keys = gather(program, tables.k_pool, slots, frames, k, real)
     values = gather(program, tables.v_pool, slots, frames, v, real)
     if s.current == "dense":
