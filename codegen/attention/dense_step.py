@@ -124,11 +124,11 @@ def concatenated_keys(program, pool, slots, frames, chunk, real) -> torch.Tensor
 # How the dense path lays out its keys: "one-buffer" (`step_keys`: the earlier frames' and the
 # chunk's real tokens gathered into one token-major buffer) or "cat" (`earlier_keys`, then a
 # torch.cat with the chunk's keys: one more pass over the keys). bench/rollout.py --dense-keys
-# times both. `pytest -m gpu tests/test_dense_step.py` passed with both against the float64
-# reference on an H100 (2026-12-07, 16 passed); on CUDA "cat" stays the default until
-# one-buffer has been timed there.
+# times both. On an H100 (2026-12-07) `pytest -m gpu tests/test_dense_step.py` passed with
+# both against the float64 reference (16 passed), and sink-window's steady-state dense step
+# took 1.20 ms with one-buffer against 1.27 ms with cat (faster at every timed step).
 DENSE_PATH_KEYS = "one-buffer"
-DENSE_PATH_KEYS_CUDA = "cat"
+DENSE_PATH_KEYS_CUDA = "one-buffer"
 _KEY_LAYOUTS = ("one-buffer", "cat")
 
 
