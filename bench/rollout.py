@@ -586,7 +586,7 @@ def parse_args(argv) -> argparse.Namespace:
                         "codegen.attention.dense_step.DENSE_PATH_SDPA_CUDA)")
     p.add_argument("--dense-keys", choices=("one-buffer", "cat"), default=None,
                    help="how the dense path gathers its keys (default: "
-                        "codegen.attention.dense_step.DENSE_PATH_KEYS, _CUDA on a GPU)")
+                        "codegen.attention.dense_step.DENSE_PATH_KEYS)")
     p.add_argument("--warmup", type=positive_int, default=25, help="do_bench warm-up ms (25)")
     p.add_argument("--rep", type=positive_int, default=100, help="do_bench repetition ms (100)")
     p.add_argument("--seed", type=int, default=0)
@@ -664,7 +664,7 @@ def main(argv=None) -> int:
     if args.dense_sdpa is not None:
         dense_step.DENSE_PATH_SDPA_CUDA = args.dense_sdpa
     if args.dense_keys is not None:
-        dense_step.DENSE_PATH_KEYS = dense_step.DENSE_PATH_KEYS_CUDA = args.dense_keys
+        dense_step.DENSE_PATH_KEYS = args.dense_keys
     command = command_line(argv)
     results, tables = [], []
     with torch.no_grad():   # forward timings: no autograd graph around the calls

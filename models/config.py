@@ -161,7 +161,8 @@ SECTIONS = {"video": VideoConfig, "world": WorldConfig, "model": ModelConfig,
             "attention": AttentionConfig, "flow": FlowConfig, "teacher": StageConfig,
             "student": StageConfig, "self_forcing": StageConfig}
 TOP_LEVEL = {"name": str, "device": str, "precision": str}
-CHOICES = {"model.time_rope": ("absolute",), "attention.memory_positions": ("absolute", "realigned"), "model.prediction": ("x",),
+CHOICES = {"model.time_rope": ("absolute",), "model.prediction": ("x",),
+           "attention.memory_positions": ("absolute", "realigned"),
            "precision": ("bf16", "fp32")}
 
 

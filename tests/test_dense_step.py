@@ -253,7 +253,7 @@ def test_dense_path_on_cuda_equals_the_reference_and_the_kernels(name, dtype, sd
     from codegen.attention import dense_step
     from codegen.check import TOL
     monkeypatch.setattr(dense_step, "DENSE_PATH_SDPA_CUDA", sdpa)
-    monkeypatch.setattr(dense_step, "DENSE_PATH_KEYS_CUDA", keys)
+    monkeypatch.setattr(dense_step, "DENSE_PATH_KEYS", keys)
     schedule = _schedule(name, dtype=str(dtype).replace("torch.", ""), head_dim=16)
     program = PBSAProgram(schedule, backend="triton")
     chunks = [tuple(x.to("cuda", dtype) for x in c)

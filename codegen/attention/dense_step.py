@@ -68,22 +68,29 @@ def earlier_slots(program, tables: BlockTables, step: int) -> torch.Tensor:
     return slots
 
 
-def earlier_keys(program, pool: torch.Tensor, slots: torch.Tensor, frames: int) -> torch.Tensor:
-    """The real tokens of the first `frames` frames from `pool` [B, Hkv, NSLOTS, BT, D]
-    through their `slots` in block order: [B, Hkv, frames * tokens_per_frame, d] (the
-    kernel's padding removed). One row gather of exactly those tokens: gathering whole
-    blocks first and dropping the padding after cost two more passes over the keys (the
-    dense path ran at 0.6x of SDPA on the same frames, H100)."""
-    s = program.schedule
-    nb = s.blocks_per_frame
+def _pool_rows(program, pool: torch.Tensor, slots: torch.Tensor, frames: int) -> torch.Tensor:
+    """Row indices into `pool` viewed as [B * Hkv * NSLOTS * BT, D] of the real tokens of the
+    first `frames` frames through their `slots` in block order: long [B, Hkv, frames *
+    tokens_per_frame]."""
+    nb = program.schedule.blocks_per_frame
     B, Hkv, NSLOTS, BT, D = pool.shape
     block, offset = _frame_token_map(program, pool.device)
     frame = torch.arange(frames, device=pool.device)[:, None]
     which = (frame * nb + block[None, :]).reshape(-1)                  # [L] index into slots
     tokens = slots.gather(2, which.expand(B, Hkv, -1)) * BT + offset.repeat(frames)
     base = torch.arange(B * Hkv, device=pool.device).view(B, Hkv, 1) * (NSLOTS * BT)
-    rows = pool.reshape(B * Hkv * NSLOTS * BT, D).index_select(0, (base + tokens).reshape(-1))
-    return rows.view(B, Hkv, -1, D)[..., :s.head_dim]
+    return base + tokens
+
+
+def earlier_keys(program, pool: torch.Tensor, slots: torch.Tensor, frames: int) -> torch.Tensor:
+    """The real tokens of the first `frames` frames from `pool` [B, Hkv, NSLOTS, BT, D]
+    through their `slots` in block order: [B, Hkv, frames * tokens_per_frame, d] (the
+    kernel's padding removed). One row gather of exactly those tokens: gathering whole
+    blocks first and dropping the padding after cost two more passes over the keys (the
+    dense path ran at 0.6x of SDPA on the same frames, H100)."""
+    B, Hkv, _, _, D = pool.shape
+    rows = pool.reshape(-1, D).index_select(0, _pool_rows(program, pool, slots, frames).reshape(-1))
+    return rows.view(B, Hkv, -1, D)[..., :program.schedule.head_dim]
 
 
 def step_keys(program, pool: torch.Tensor, slots: torch.Tensor, frames: int,
@@ -95,20 +102,14 @@ def step_keys(program, pool: torch.Tensor, slots: torch.Tensor, frames: int,
     `torch.cat` pass over the keys afterwards. A prefix over the key axis (the chunk's
     frames <= f under the causal rule) is again a view. Without gradient only (inference, and
     every denoising step of a rollout but the one that trains)."""
-    s = program.schedule
-    B, Hkv, NSLOTS, BT, D = pool.shape
+    B, Hkv, _, _, D = pool.shape
     # the kernels pad the head dim (slice), and out= has no autograd (training: the chunk's
     # keys carry gradient): the concatenation
-    if D != s.head_dim or chunk.dtype != pool.dtype or (chunk.requires_grad and torch.is_grad_enabled()):
+    if (D != program.schedule.head_dim or chunk.dtype != pool.dtype
+            or (chunk.requires_grad and torch.is_grad_enabled())):
         return concatenated_keys(program, pool, slots, frames, chunk, real)
-    nb = s.blocks_per_frame
-    block, offset = _frame_token_map(program, pool.device)
-    frame = torch.arange(frames, device=pool.device)[:, None]
-    which = (frame * nb + block[None, :]).reshape(-1)
-    tokens = slots.gather(2, which.expand(B, Hkv, -1)) * BT + offset.repeat(frames)
-    base = torch.arange(B * Hkv, device=pool.device).view(B, Hkv, 1) * (NSLOTS * BT)
-    past_rows = (base + tokens).permute(2, 0, 1).reshape(-1)            # token-major order
-    Lp = which.numel()
+    past_rows = _pool_rows(program, pool, slots, frames).permute(2, 0, 1).reshape(-1)  # token-major
+    Lp = past_rows.numel() // (B * Hkv)
     buf = pool.new_empty(Lp + real.numel(), B, Hkv, D)
     torch.index_select(pool.reshape(-1, D), 0, past_rows, out=buf[:Lp].view(-1, D))
     torch.index_select(chunk.permute(2, 0, 1, 3), 0, real, out=buf[Lp:])
@@ -128,7 +129,6 @@ def concatenated_keys(program, pool, slots, frames, chunk, real) -> torch.Tensor
 # both against the float64 reference (16 passed), and sink-window's steady-state dense step
 # took 1.20 ms with one-buffer against 1.27 ms with cat (faster at every timed step).
 DENSE_PATH_KEYS = "one-buffer"
-DENSE_PATH_KEYS_CUDA = "one-buffer"
 _KEY_LAYOUTS = ("one-buffer", "cat")
 
 
@@ -186,12 +186,10 @@ def dense_step_attention(program, q, k, v, tables: BlockTables):
     padded = real.numel() < q.shape[2]
     qr = q.index_select(2, real) if padded else q
     slots = earlier_slots(program, tables, step)
-    name = "DENSE_PATH_KEYS_CUDA" if q.is_cuda else "DENSE_PATH_KEYS"
-    layout = globals()[name]
-    if layout not in _KEY_LAYOUTS:
-        raise ValueError(f"codegen.attention.dense_step.{name} = {layout!r}, "
+    if DENSE_PATH_KEYS not in _KEY_LAYOUTS:
+        raise ValueError(f"codegen.attention.dense_step.DENSE_PATH_KEYS = {DENSE_PATH_KEYS!r}, "
                          f"allowed: {', '.join(map(repr, _KEY_LAYOUTS))}")
-    gather = step_keys if layout == "one-buffer" else concatenated_keys
+    gather = step_keys if DENSE_PATH_KEYS == "one-buffer" else concatenated_keys
     keys = gather(program, tables.k_pool, slots, frames, k, real)
     values = gather(program, tables.v_pool, slots, frames, v, real)
     if s.current == "dense":

@@ -69,14 +69,14 @@ class SelfForcingStep:
         self.times = denoising_times(run.cfg.flow.denoising_steps, run.cfg.flow.shift)
         self.whole = SequenceAttention(None, run.cfg.tokens_per_frame)
 
-    def window_start(self, step: int) -> int:
-        """The first frame of the window the scores see: 0 for a horizon-long rollout, else a
-        chunk boundary drawn uniformly per step (the same for every process)."""
+    def window_first_chunk(self, step: int) -> int:
+        """The first chunk of the window the scores see: 0 for a horizon-long rollout, else
+        drawn uniformly per step (the same for every process)."""
         c = self.run.cfg.video.chunk_frames
         starts = (self.frames - self.horizon) // c + 1
         if starts == 1:
             return 0
-        return c * int(torch.randint(starts, (1,), generator=self.run.generator(step, -2)))
+        return int(torch.randint(starts, (1,), generator=self.run.generator(step, -2)))
 
     def state_objects(self) -> dict:
         return {"generator": self.generator, "fake": self.fake, "gen_optim": self.gen_opt,
@@ -89,7 +89,7 @@ class SelfForcingStep:
         idx = run.local_indices(step)
         # 1. the rollout, gradient through one random denoising step per chunk of the window
         exits = torch.randint(len(times), (frames // c,), generator=run.generator(step, -1)).tolist()
-        first = self.window_start(step) // c
+        first = self.window_first_chunk(step)
         window = range(first, first + self.horizon // c)
         exits = [e if i in window else None for i, e in enumerate(exits)]
         noises = per_sample(run, step, idx, lambda g: torch.randn(
