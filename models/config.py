@@ -106,7 +106,7 @@ class StageConfig:
     weight_decay: float = 0.0
     warmup: int = 50
     grad_clip: float = 1.0
-    ema: float = 0.0              # 0: no EMA
+    ema: float = 0.0              # 0: no EMA (teacher, self-forcing)
     log_every: int = 10
     sample_every: int = 250       # sample GIFs (0: only at the end)
     checkpoint_every: int = 100
@@ -297,6 +297,8 @@ def _check(cfg: Config, source: str) -> None:
                       "fake_updates", "rollout_frames", "warmup"):
             if getattr(sc, field) < 0:
                 raise ConfigError(source, f"{stage}.{field}", getattr(sc, field), "an integer >= 0")
+        if not 0.0 <= sc.ema < 1.0:
+            raise ConfigError(source, f"{stage}.ema", sc.ema, "a decay in [0, 1) (0: no EMA)")
     for name, value in positive:
         if value < 1:
             raise ConfigError(source, name, value, "an integer >= 1")

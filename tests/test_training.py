@@ -287,7 +287,7 @@ def test_self_forcing_resume_is_bit_identical(stages, tmp_path):
     def cmd(run_dir, steps):
         return train_cmd("self-forcing", run_dir, "--pattern", "sparse-forcing",
                          "--teacher", str(stages.teacher), "--student", str(stages.student),
-                         sets=(f"self_forcing.steps={steps}",))
+                         sets=(f"self_forcing.steps={steps}", "self_forcing.ema=0.9"))
 
     run_ok(cmd(tmp_path / "straight", 4))
     run_ok(cmd(tmp_path / "resumed", 2))
@@ -301,8 +301,34 @@ def test_self_forcing_resume_is_bit_identical(stages, tmp_path):
     straight, meta_straight = checkpoint_tensors(tmp_path / "straight")
     assert meta["step"] == meta_straight["step"] == 4
     assert meta["pattern"] == "sparse-forcing"
-    assert_bitwise(resumed, straight, "last checkpoint (generator, fake score, optimisers)")
+    assert_bitwise(resumed, straight, "last checkpoint (generator, EMA, fake score, optimisers)")
+    assert any(k.startswith("ema") for k in resumed), sorted(resumed)[:5]
     assert meta["history"] == meta_straight["history"]
+
+
+def test_self_forcing_ema_is_the_kept_generator(stages, tmp_path):
+    """With `self_forcing.ema`, the EMA of the generator is what the stage snapshots and
+    exports: after one update its warm-up decay is min(ema, 1/10), so the EMA is 0.1 x the
+    student + 0.9 x the updated generator."""
+    cfg = load_config("tiny", overrides={"self_forcing.steps": 1, "self_forcing.fake_updates": 1,
+                                         "self_forcing.ema": 0.9, "self_forcing.snapshot_every": 1,
+                                         "self_forcing.checkpoint_every": 1})
+    train_self_forcing(cfg, tmp_path / "sf", stages.teacher, stages.student, pattern="dense",
+                       progress=False)
+    state, _ = load_checkpoint(tmp_path / "sf")
+    start = load_stage_weights(cfg, stages.student, "student", "cpu").state_dict()
+    generator, ema = state["generator"], state["ema"]
+    moved = [k for k in generator if not torch.equal(generator[k], start[k].float())]
+    assert moved, "one DMD update left the generator unchanged: the test would prove nothing"
+    for k in generator:
+        expect = start[k].float().lerp(generator[k].float(), 0.9)
+        torch.testing.assert_close(ema[k].float(), expect, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"ema {k}: {m}")
+    exported = load_file(str(tmp_path / "sf" / "weights.safetensors"))
+    snapshot = load_file(str(tmp_path / "sf" / "snapshots" / "step-00001.safetensors"))
+    for k in generator:
+        assert torch.equal(exported[k], ema[k].to(exported[k].dtype)), f"export is not the EMA: {k}"
+        assert torch.equal(snapshot[k], exported[k]), f"snapshot is not the EMA: {k}"
 
 
 # --- 3. torchrun: two Gloo processes = one process ---------------------------------------
@@ -475,9 +501,10 @@ TINY_TOML = str(REPO / "models" / "configs" / "tiny.toml")
      [TINY_TOML, "self_forcing.rollout_frames", "6", "at least video.frames = 9"]),
     (["--set", "self_forcing.rollout_frames=19"],
      [TINY_TOML, "self_forcing.rollout_frames", "19", "multiple of video.chunk_frames = 3"]),
+    (["--set", "self_forcing.ema=1.0"], [TINY_TOML, "self_forcing.ema", "1.0", "[0, 1)"]),
 ], ids=["unknown-section", "unknown-key", "wrong-type", "bare-word", "cross-field", "no-value",
         "zero-checkpoint-interval", "negative-snapshot-interval", "rollout-shorter-than-horizon",
-        "rollout-not-whole-chunks"])
+        "rollout-not-whole-chunks", "ema-decay-of-one"])
 def test_bad_override(capsys, tmp_path, args, names):
     line = cli_error(capsys, "train", "teacher", "--config", "tiny", "--run-dir",
                      str(tmp_path / "run"), "--no-progress", *args)

@@ -349,8 +349,8 @@ EXPORTED_STATE = ("ema", "generator", "model")   # what a stage's weights are, b
 
 def export_run(cfg: Config, run_dir, out=None) -> Path:
     """Export the weights of a run's last checkpoint (a stage stopped by --time-limit, or
-    an earlier step of a finished one): the EMA for the teacher, the generator for
-    self-forcing, else the model."""
+    an earlier step of a finished one): the EMA when the run keeps one, else the generator
+    (self-forcing) or the model."""
     run_dir = Path(run_dir)
     state, meta = ckpt.load_checkpoint(run_dir, cfg=cfg)
     key = next(k for k in EXPORTED_STATE if k in state)

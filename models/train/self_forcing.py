@@ -68,6 +68,10 @@ class SelfForcingStep:
         self.frames = s.rollout_frames or self.horizon
         self.times = denoising_times(run.cfg.flow.denoising_steps, run.cfg.flow.shift)
         self.whole = SequenceAttention(None, run.cfg.tokens_per_frame)
+        # Self-Forcing keeps an EMA of the generator: DMD at this scale swings between
+        # drawing sprites and blur every ~10 steps (docs/training.md), and the average of
+        # those swings is the generator to keep, not whichever side a snapshot lands on
+        self.ema = copy.deepcopy(generator).requires_grad_(False) if s.ema else None
 
     def window_first_chunk(self, step: int) -> int:
         """The first chunk of the window the scores see: 0 for a horizon-long rollout, else
@@ -79,8 +83,16 @@ class SelfForcingStep:
         return int(torch.randint(starts, (1,), generator=self.run.generator(step, -2)))
 
     def state_objects(self) -> dict:
-        return {"generator": self.generator, "fake": self.fake, "gen_optim": self.gen_opt,
-                "fake_optim": self.fake_opt}
+        objects = {"generator": self.generator, "fake": self.fake, "gen_optim": self.gen_opt,
+                   "fake_optim": self.fake_opt}
+        if self.ema is not None:
+            objects["ema"] = self.ema
+        return objects
+
+    @property
+    def weights(self):
+        """The generator to score, sample and export: its EMA when the config keeps one."""
+        return self.ema if self.ema is not None else self.generator
 
     def __call__(self, step: int) -> dict:
         run, cfg, s = self.run, self.run.cfg, self.run.scfg
@@ -126,6 +138,8 @@ class SelfForcingStep:
         dmd_loss = 0.5 * torch.mean((video - (x0 - grad)) ** 2)
         run.set_lr(self.gen_opt, step, s.lr)
         grad_norm = run.sync_and_step(self.generator, self.gen_opt, dmd_loss)
+        if self.ema is not None:
+            run.update_ema(self.ema, self.generator, s.ema, step)
         return {"dmd_loss": dmd_loss.item(), "fake_loss": fake_loss.item(),
                 "grad_norm": float(grad_norm), "cache_mib": cache_bytes / 2**20,
                 "roughness": roughness(x0)}
@@ -157,14 +171,15 @@ def train_self_forcing(cfg, run_dir, teacher, student, pattern: Optional[str] = 
             bar.set_postfix(dmd=f"{metrics['dmd_loss']:.4f}", fake=f"{metrics['fake_loss']:.4f}",
                             clips_per_s=f"{speed.rate():.2f}")
         bar.update(1)
-        if run.snapshot(generator, done) is not None:   # and how that snapshot continues clips
-            run.log(done, **continuation_scores(generator, backend, run))
+        kept = train_step.weights
+        if run.snapshot(kept, done) is not None:   # and how that snapshot continues clips
+            run.log(done, **continuation_scores(kept, backend, run))
         if (s.sample_every and done % s.sample_every == 0) or done == s.steps:
-            write_rollout_samples(run, generator, backend, done)
+            write_rollout_samples(run, kept, backend, done)
         run.checkpoint(done, s.steps, objects, extra={"pattern": str(pattern)},
-                       on_stop=lambda: write_rollout_samples(run, generator, backend, done))
+                       on_stop=lambda: write_rollout_samples(run, kept, backend, done))
     bar.close()
-    return run.export(generator)
+    return run.export(train_step.weights)
 
 
 def write_rollout_samples(run: StageRun, model, backend, step: int, n: int = 4,
