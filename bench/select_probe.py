@@ -4,15 +4,15 @@
     PYTHONPATH=. python bench/select_probe.py --cpu-smoke                    # CPU smoke test
 
 moba's window is the whole past, and its rollout cache doubles the pool as the history grows,
-so `window_slots.shape[2]` (NWMAX, the allocation) runs ahead of the valid window NW; the
-Triton select sizes its register tile by NWMAX (`codegen.select._tile_config`). This probe
+so `window_slots.shape[2]` (NWMAX, the allocation) runs ahead of the valid window NW. The
+Triton select sized its register tile by NWMAX until the ninth session (0.99 ms at moba's
+step 10 on an H100, against 0.114 ms for the tile by NW); it now sizes it by NW
+(`codegen.select._tile_config`), and this probe's first table times that. This probe
 times, at B=1, H=12 (12 KV heads), D=128, NQB=84 (a 3-frame chunk of 30x52 tokens in 8x8
 tiles: 4x7 = 28 blocks a frame), k=32, mode "union", no static set (moba's select):
 
-1. `select_topk` with backend="triton" (tile sized by NWMAX, what the program ran before the
-   fix), backend="triton" on `window_slots[..., :NW]` (the tile sized by the valid count: what
-   bucketing BLOCK_W by NW instead of the allocation would give) and backend="torch" (gather +
-   GEMM + torch.topk), at NW = 168, 336, 672, 1344, 2688 in the pool allocation that holds
+1. `select_topk` with backend="triton" (the tile sized by the valid count NW) and
+   backend="torch" (gather + GEMM + torch.topk), at NW = 168, 336, 672, 1344, 2688 in the pool allocation that holds
    them, and at moba's own (NW, NWMAX) at AR steps 4, 10, 20, 40 (the pool from the cache's
    growth rule, `codegen.memory.rollout_cache`); whether the two backends' picks agree;
 2. `block_importance` (the Sparse Forcing commit's column sum; its domain is P_t + a bounded
@@ -146,9 +146,8 @@ def select_inputs(B, H, NQB, D, nw, nwmax, k, device, gen):
     return q_rep, k_pool, window, static_pos, static_count
 
 
-def run_select(inputs, nw, k, backend, window=None):
+def run_select(inputs, nw, k, backend):
     q_rep, k_pool, win, static_pos, static_count = inputs
-    win = win if window is None else window
     B, H, NQB = q_rep.shape[:3]
     vs = torch.zeros(B, H, NQB, k, dtype=torch.int32, device=q_rep.device)
     vc = torch.zeros(B, H, NQB, dtype=torch.int32, device=q_rep.device)
@@ -163,9 +162,9 @@ def select_table(args, schedule, device) -> str:
     B, H, NQB, D, k = 1, args.heads, schedule.layout.chunk_blocks, args.head_dim, args.k
     tuned = (schedule.layout.blocks_per_frame * 6) if not args.cpu_smoke else 8
     gen = torch.Generator(device=device).manual_seed(0)
-    rows = ["| size | NW | NWMAX | Triton tile by NWMAX (BLOCK_W, BLOCK_Q, warps) | "
-            "triton ms (tile by NWMAX) | triton ms (tile by NW) | torch ms | "
-            "triton / torch | picks equal | program's choice now |", "|" + "---|" * 10]
+    rows = ["| size | NW | NWMAX | Triton tile by NW (BLOCK_W, BLOCK_Q, warps) | "
+            "triton ms | torch ms | triton / torch | picks equal | program's choice now |",
+            "|" + "---|" * 9]
     sizes = size_rows(schedule, tuned) if not args.cpu_smoke else [
         ("smoke", 8, 8), ("smoke", 12, 16), ("smoke", 20, 32)]
     for label, nw, nwmax in sizes:
@@ -173,20 +172,18 @@ def select_table(args, schedule, device) -> str:
         k_eff = min(k, nw)
         t_torch_call, vs_torch = run_select(inputs, nw, k, "torch")
         t_torch = safe(lambda: time_ms(t_torch_call, device, args.warmup, args.reps))
-        t_tri = t_tri_nw = "n/a (CPU smoke: torch only)"
+        t_tri = "n/a (CPU smoke: torch only)"
         equal = "n/a"
         tile = "n/a"
         if not args.cpu_smoke:
-            tile = str(sel._tile_config(nwmax, NQB)) if nwmax <= OFF else f"> {OFF}: refused"
+            tile = str(sel._tile_config(nw, NQB)) if nw <= OFF else f"> {OFF}: refused"
             call, vs_tri = run_select(inputs, nw, k, "triton")
             t_tri = safe(lambda: time_ms(call, device, args.warmup, args.reps))
-            call_nw, _ = run_select(inputs, nw, k, "triton", window=inputs[2][..., :nw])
-            t_tri_nw = safe(lambda: time_ms(call_nw, device, args.warmup, args.reps))
             if isinstance(t_tri, float):
                 diff = int((vs_tri[..., :k_eff] != vs_torch[..., :k_eff]).any(-1).sum())
                 equal = "yes" if diff == 0 else f"no: {diff} of {B * H * NQB} rows differ"
-        choice = sel.select_backend_for("triton", nwmax)
-        rows.append(f"| {label} | {nw} | {nwmax} | {tile} | {cell(t_tri)} | {cell(t_tri_nw)} | "
+        choice = sel.select_backend_for("triton", nw)
+        rows.append(f"| {label} | {nw} | {nwmax} | {tile} | {cell(t_tri)} | "
                     f"{cell(t_torch)} | {ratio(t_tri, t_torch)} | {equal} | {choice} |")
     return "\n".join([
         f"### select_topk: B={B}, H={H}, NQB={NQB}, D={D}, k={k}, union, no static set "
@@ -259,7 +256,8 @@ def program_table(args, device: str) -> str:
                             device, args.warmup, args.reps)))
                 nwmax = tables.window_slots.shape[2]
                 sel.SELECT_TRITON_MAX_POSITIONS = on
-                path = sel.select_backend_for(program.backend, nwmax)
+                path = sel.select_backend_for(program.backend,
+                                              program.schedule.window_block_count(step))
                 (a_on, b_on, t_on), (a_off, b_off, t_off) = cells["on"], cells["off"]
                 rows.append(f"| {step} | {program.schedule.window_block_count(step)} | {nwmax} | "
                             f"{path} | {cell(a_on)} | {cell(a_off)} | {ratio(a_on, a_off)} | "

@@ -269,10 +269,11 @@ class PBSAProgram:
             q_rep = select_ops.block_representatives(q_blocks, self.cur_valid(dev),
                                                      backend=select_backend,
                                                      check_values=validate)
-            # an unbounded window's pool doubles with the history: above
-            # select.SELECT_TRITON_MAX_POSITIONS allocated positions the Triton tile would
-            # grow with it, so the select runs its torch path (same picks; issue 12)
-            backend = select_ops.select_backend_for(select_backend, tables.window_slots.shape[2])
+            # the Triton tile is sized by the valid window n_window (not the pool, which
+            # doubles with an unbounded window's history); above
+            # select.SELECT_TRITON_MAX_POSITIONS positions the select runs its torch path
+            # (same picks; issue 12)
+            backend = select_ops.select_backend_for(select_backend, n_window)
             select_ops.select_topk(q_rep, tables.k_rep, tables.window_slots, n_window, pos,
                                    cnt, split.mode, k, visit_slots, visit_count,
                                    backend=backend, check_values=validate)

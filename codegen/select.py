@@ -107,24 +107,24 @@ SELECT_DC = 4                     # d elements per gather (16-byte fp32 loads)
 # it to cover both.
 SELECT_TOPK_ALGO = "auto"
 # Size threshold of the Triton select / importance tiles (issue 12). The kernels size their
-# register tile by the *allocation* (BLOCK_W = next power of two of NWMAX / NDOMMAX, so one
-# pattern compiles one kernel) and give each program fewer query blocks as it grows
-# (`_tile_config`): built for sink-window-sized windows (NW = 168 -> BLOCK_W = 256, 8 query
-# blocks a program). An unbounded window (moba) lives in a pool that doubles with the
-# history (336 / 1,344 / 2,688 slots at steps 4 / 10 / 20 at 8x8 tiles), so the tile grows
-# to 4,096 positions and 1 query block a program: every program re-gathers the whole
-# window's representatives for a single query block. Above this many allocated positions
-# the program (`select_backend_for`) and backend="auto" take the torch path instead (one
-# gather, one GEMM, one torch.topk, no host sync: the same candidates, tie rule and order of
-# picks; the fp32 scores may differ in the last bit (GEMM summation order), and on CUDA the
-# GEMM follows torch.backends.cuda.matmul.allow_tf32), whose cost follows the valid count,
-# not the allocation; it also lifts the kernel's hard limit (moba's pool at 8x8 tiles grows
-# to 10,752 slots at step 65, where backend="triton" refused). backend="triton" passed to
-# select_topk / block_importance still forces the kernel (up to _MAX_TRITON_POSITIONS). Chosen
-# conservatively (2x the tile the kernel was tuned for); bench/select_probe.py times both
-# paths at moba's sizes to place it. A positive int; set it to _MAX_TRITON_POSITIONS to
-# turn the fallback off.
-SELECT_TRITON_MAX_POSITIONS = 512
+# register tile by this step's *valid* count (BLOCK_W = next power of two of NW / ND) and give
+# each program fewer query blocks as it grows (`_tile_config`): built for sink-window-sized
+# windows (NW = 168 -> BLOCK_W = 256, 8 query blocks a program). An unbounded window (moba)
+# lives in a pool that doubles with the history (336 / 1,344 / 2,688 slots at steps 4 / 10 /
+# 20 at 8x8 tiles) while its valid window is smaller (e.g. NW = 630 of 1,344 slots at step
+# 10); a tile sized by the allocation gathered and scored the empty slots too (0.99 against
+# 0.11 ms at moba's step 10 on an H100, bench/select_probe.py). Sizing by NW compiles one
+# kernel per power of two the window passes (a handful over a rollout), each once. Above
+# this many valid positions the program (`select_backend_for`) and backend="auto" take the
+# torch path (one gather, one GEMM, one torch.topk, no host sync: the same candidates, tie
+# rule and order of picks; the fp32 scores may differ in the last bit (GEMM summation order),
+# and on CUDA the GEMM follows torch.backends.cuda.matmul.allow_tf32), which also lifts the
+# kernel's hard limit. The probe measured the Triton tile 8-11x faster than torch up to
+# 1,024 positions and slower from 2,048 (one query block a program re-gathers the whole
+# window). backend="triton" passed to select_topk / block_importance still forces the kernel
+# (up to _MAX_TRITON_POSITIONS valid positions). A positive int; set it to
+# _MAX_TRITON_POSITIONS to turn the fallback off.
+SELECT_TRITON_MAX_POSITIONS = 1024
 _INT64_MIN = -(2**63)
 
 
@@ -167,11 +167,11 @@ def _triton_max_positions() -> int:
 
 
 def select_backend_for(backend: str, n_positions: int) -> str:
-    """The backend a caller should pass to `select_topk` / `block_importance` for a table of
-    `n_positions` allocated positions (window_slots.shape[2] / domain_slots.shape[2]):
-    'torch' when `backend` may pick Triton ('auto' or 'triton') and n_positions >
+    """The backend a caller should pass to `select_topk` / `block_importance` for
+    `n_positions` valid positions (window_count NW / domain_count ND): 'torch' when
+    `backend` may pick Triton ('auto' or 'triton') and n_positions >
     SELECT_TRITON_MAX_POSITIONS, else `backend` unchanged. The program's visit tables use
-    it, so an unbounded window's growing pool never sizes the Triton tile."""
+    it, so an unbounded window past the threshold runs the torch path."""
     if backend not in _BACKENDS:
         raise ValueError(f"select_backend_for: backend = {backend!r}, allowed: 'auto', "
                          "'triton' or 'torch'")
@@ -183,7 +183,7 @@ def select_backend_for(backend: str, n_positions: int) -> str:
 
 def _auto_by_size(backend: str, n_positions: int) -> str:
     """`backend`, with "auto" resolved by size: 'torch' above SELECT_TRITON_MAX_POSITIONS
-    allocated positions (the rule of `select_backend_for`, which an explicit 'triton' obeys
+    valid positions (the rule of `select_backend_for`, which an explicit 'triton' obeys
     only when the caller asks it)."""
     return select_backend_for(backend, n_positions) if backend == "auto" else backend
 
@@ -475,8 +475,8 @@ def _tile_config(n_pos: int, nqb: int) -> tuple[int, int, int]:
     """(BLOCK_W, BLOCK_Q, num_warps) of a [query blocks, positions] tile: about 2048 elements
     per program and 8 per thread.
 
-    BLOCK_W comes from the allocation (NWMAX / NDOMMAX), not this step's count, so one
-    pattern compiles one kernel. At NW=168 (BLOCK_W=256): 8 query blocks and 8 warps per
+    n_pos is this step's valid count (NW / ND), not the allocation (NWMAX / NDOMMAX): the
+    empty slots of a doubled pool are neither gathered nor scored. At NW=168 (BLOCK_W=256): 8 query blocks and 8 warps per
     program -> 11 x 12 = 132 programs for NQB=84, H=12 (one H100 wave).
     """
     block_w = _pow2(n_pos)
@@ -508,7 +508,7 @@ def select_topk(q_rep, k_rep_pool, window_slots, window_count, static_pos, stati
     k int >= 0; visit_slots int32 [B, H, NQB, MAXV] and visit_count int32 [B, H, NQB],
     updated in place: the min(k, #candidates) best positions' slots are written at
     visit_slots[b, h, qb, visit_count : visit_count + n], best first.
-    backend "auto": Triton on CUDA tensors while NWMAX <= SELECT_TRITON_MAX_POSITIONS, else
+    backend "auto": Triton on CUDA tensors while NW <= SELECT_TRITON_MAX_POSITIONS, else
     the torch path; "triton" / "torch" force one (see `select_backend_for`).
     Returns (visit_slots, visit_count).
     """
@@ -517,11 +517,11 @@ def select_topk(q_rep, k_rep_pool, window_slots, window_count, static_pos, stati
         fn, q_rep, k_rep_pool, window_slots, window_count, static_pos, static_count,
         mode, k, visit_slots, visit_count)
     MAXV = visit_slots.shape[3]
-    # "auto" with a large allocation takes the torch path (issue 12; select_backend_for)
-    use_triton = _use_triton(fn, _auto_by_size(backend, NWMAX), q_rep.device)
-    if use_triton and NWMAX > _MAX_TRITON_POSITIONS:
-        raise ValueError(f"{fn}: window_slots.shape[2] = NWMAX = {NWMAX} window positions, "
-                         f"the Triton kernel holds at most {_MAX_TRITON_POSITIONS} per program; "
+    # "auto" with a large window takes the torch path (issue 12; select_backend_for)
+    use_triton = _use_triton(fn, _auto_by_size(backend, NW), q_rep.device)
+    if use_triton and NW > _MAX_TRITON_POSITIONS:
+        raise ValueError(f"{fn}: window_count = NW = {NW} window positions, the Triton "
+                         f"kernel holds at most {_MAX_TRITON_POSITIONS} per program; "
                          "use backend='torch'")
     if check_values:
         _check_select_values(fn, window_slots, NW, NSLOTS, static_pos, static_count, mode,
@@ -533,7 +533,7 @@ def select_topk(q_rep, k_rep_pool, window_slots, window_count, static_pos, stati
     kmax = min(k, NW)
     if kmax == 0 or NQB == 0 or B * H == 0:
         return visit_slots, visit_count
-    block_w, block_q, warps = _tile_config(NWMAX, NQB)
+    block_w, block_q, warps = _tile_config(NW, NQB)   # by the valid window, not NWMAX
     block_k = _pow2(kmax, 1)
     sp_stride = static_pos.stride() if SMAX else (0, 0)
     grid = (triton.cdiv(NQB, block_q), H, B)
@@ -600,25 +600,27 @@ def block_importance(q_rep, k_rep_pool, domain_slots, domain_count, scale, *,
     domain_slots int32 [B, HKV, NDOMMAX] (the persistent set, then the window, as pool
     slots); domain_count int ND <= NDOMMAX; scale float. Returns float32 [B, H, NDOMMAX],
     0 past ND. The caller averages over heads where the set is shared. backend "auto":
-    Triton on CUDA tensors while NDOMMAX <= SELECT_TRITON_MAX_POSITIONS, else torch.
+    Triton on CUDA tensors while ND <= SELECT_TRITON_MAX_POSITIONS, else torch.
     """
     fn = "block_importance"
     B, H, HKV, NQB, D, NSLOTS, NDOM, ND, scale = _check_importance(
         fn, q_rep, k_rep_pool, domain_slots, domain_count, scale, check_values)
-    use_triton = _use_triton(fn, _auto_by_size(backend, NDOM), q_rep.device)
-    if use_triton and NDOM > _MAX_TRITON_POSITIONS:
-        raise ValueError(f"{fn}: domain_slots.shape[2] = NDOMMAX = {NDOM}, the Triton kernel "
-                         f"holds at most {_MAX_TRITON_POSITIONS} per program; use backend='torch'")
+    use_triton = _use_triton(fn, _auto_by_size(backend, ND), q_rep.device)
+    if use_triton and ND > _MAX_TRITON_POSITIONS:
+        raise ValueError(f"{fn}: domain_count = ND = {ND}, the Triton kernel holds at most "
+                         f"{_MAX_TRITON_POSITIONS} per program; use backend='torch'")
     if not use_triton:
         return block_importance_torch(q_rep, k_rep_pool, domain_slots, ND, scale,
                                       check_values=False)
     if ND == 0 or NQB == 0 or B * H == 0:
         return torch.zeros(B, H, NDOM, dtype=torch.float32, device=q_rep.device)
-    block_n, block_q, warps = _tile_config(NDOM, NQB)
+    block_n, block_q, warps = _tile_config(ND, NQB)   # by the valid domain, not NDOMMAX
     n_tiles = triton.cdiv(NQB, block_q)
     # one tile: write the result directly; more: per-tile partial sums, then one
-    # deterministic torch sum (no float atomics, so results are reproducible)
-    part = torch.empty(B, H, n_tiles, NDOM, dtype=torch.float32, device=q_rep.device)
+    # deterministic torch sum (no float atomics, so results are reproducible). A tile
+    # narrower than the allocation leaves columns past it unwritten: they start at 0
+    alloc = torch.zeros if block_n < NDOM else torch.empty
+    part = alloc(B, H, n_tiles, NDOM, dtype=torch.float32, device=q_rep.device)
     _block_importance_kernel[(n_tiles, H, B)](
         q_rep, k_rep_pool, domain_slots, part,
         NQB, ND, NDOM, NSLOTS, H // HKV, scale * 1.4426950408889634,

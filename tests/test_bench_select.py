@@ -24,7 +24,7 @@ def test_cpu_smoke_prints_the_tables(tmp_path):
     out = result.stdout
     assert "command: `PYTHONPATH=. python bench/select_probe.py --cpu-smoke --out" in out
     select = rows(out, "### select_topk")
-    assert len(select) == 3 and all(float(r[6]) > 0 for r in select)      # torch ms
+    assert len(select) == 3 and all(float(r[5]) > 0 for r in select)      # torch ms
     importance = rows(out, "### block_importance")
     assert len(importance) == 2 and all(float(r[3]) > 0 for r in importance)
     program = rows(out, "### moba program.attention")

@@ -541,8 +541,24 @@ def test_select_topk_large_allocation_both_paths_match_reference():
     assert torch.equal(results["torch"][0], results["triton"][0])
 
 
+def test_select_topk_tile_follows_the_valid_window(monkeypatch):
+    """The Triton tile is sized by this step's valid window NW, not the allocation NWMAX (a
+    doubled pool's empty slots are not scored): a pool past the kernel's hard limit with a
+    small valid window still runs the kernel, and gives the reference's picks in order."""
+    sizes = []
+    real = sel._tile_config
+    monkeypatch.setattr(sel, "_tile_config", lambda n, nqb: sizes.append(n) or real(n, nqb))
+    nwmax = sel._MAX_TRITON_POSITIONS + 5
+    c = dict(B=1, hkv=1, H=2, NQB=3, D=8, nwmax=nwmax, nw=37, nslots=nwmax + 2, smax=3,
+             mode="union", k=6, quantised=True, seed=5)
+    inp = make_select_inputs(c)
+    vs, vc = run_select("triton", c, inp)
+    check_select(c, inp, vs, vc)
+    assert sizes == [37], sizes
+
+
 def test_program_select_takes_the_torch_path_above_the_threshold(monkeypatch):
-    """moba's pool doubles with the history; once window_slots.shape[2] passes
+    """moba's window grows with the history; once its valid count passes
     SELECT_TRITON_MAX_POSITIONS the program's Triton visit tables run the torch select, and
     they equal the torch program's at every step, before and after the switch."""
     import sparsedsl as sd
@@ -555,7 +571,7 @@ def test_program_select_takes_the_torch_path_above_the_threshold(monkeypatch):
     schedule = sd.lower(pattern, num_heads=2, num_kv_heads=1, head_dim=4, dtype="float32")
     program = PBSAProgram(schedule, backend="torch")
     cache = program.new_cache(1, 1, "cpu", torch.float32)
-    first = cache.nslots
+    first = schedule.window_block_count(2)       # Triton at steps 1-2, torch after
     monkeypatch.setattr(sel, "SELECT_TRITON_MAX_POSITIONS", first)
     torch_calls = []
     real = sel.select_topk_torch
@@ -577,7 +593,7 @@ def test_program_select_takes_the_torch_path_above_the_threshold(monkeypatch):
             took_torch = bool(torch_calls)
             want = program.visit_tables(qb, tables, step, select_backend="torch")
             assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), step
-            assert took_torch == (tables.window_slots.shape[2] > first), step
+            assert took_torch == (schedule.window_block_count(step) > first), step
             paths.append(took_torch)
         cache.commit(0, q, k, v)
-    assert cache.nslots > first and paths[0] is False and paths[-1] is True
+    assert paths[:2] == [False, False] and paths[-1] is True, paths
