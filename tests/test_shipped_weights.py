@@ -42,16 +42,17 @@ def test_shipped_generator_continues_an_unseen_world(name, pattern):
                      world_seed=HELD_OUT_WORLDS + 1, progress=False).truth   # another world
     assert psnr_per_frame(video, truth).mean() > psnr_per_frame(video, other).mean() + 1.0
     # the world's texture: neither flat (an untrained model, ratio near 0) nor noise (white
-    # noise is ~7x); the seventh session's DMD snapshots are 1.35-1.39x rougher than the truth
-    # on this world, the sixth session's were within 30%
+    # noise is ~7x); the seventh session's DMD snapshots were 1.35-1.39x rougher than the
+    # truth on this world, the sixth session's within 30%
     assert 0.7 < _texture(video) / _texture(truth) < 1.6
 
 
 @pytest.mark.slow
 def test_shipped_sparse_forcing_generator_draws_sprites_past_the_horizon():
-    """The seventh session's sparse-forcing generator keeps drawing sprites (vivid pixels:
-    the world's backgrounds have none) in the second training horizon of a held-out world,
-    where the sixth session's drew none (docs/results.md)."""
+    """The shipped sparse-forcing generator (the ninth session's; the seventh's passed too)
+    keeps drawing sprites (vivid pixels: the world's backgrounds have none) in the second
+    training horizon of a held-out world, where the sixth session's drew none
+    (docs/results.md)."""
     model, cfg = load_generator(CHECKPOINTS / "small-sparse-forcing.safetensors", "small")
     F = cfg.video.frames
     result = generate(model, cfg, "sparse-forcing", frames=2 * F, prefix_frames=3,

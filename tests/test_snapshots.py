@@ -39,6 +39,20 @@ def test_the_best_smooth_snapshot_wins(tmp_path):
     assert best_snapshot(noisy)[0] == 20
 
 
+def test_snapshots_that_lose_the_sprites_past_the_horizon_are_left_out(tmp_path):
+    """With val_vivid_far in the history, the best val_sprites among the snapshots whose
+    far-horizon sprite ratio is inside FAR_VIVID_RANGE (0.5-2) wins; none inside: all compete."""
+    run = make_run(tmp_path, {10: 0.1, 20: 0.5, 30: 0.4, 40: 0.3}, roughness={})
+    history = json.loads((run / "history.json").read_text())
+    history["val_vivid_far"] = [[10, 0.9], [20, 0.2], [30, 2.5], [40, 1.1]]
+    (run / "history.json").write_text(json.dumps(history))
+    assert best_snapshot(run)[0] == 40          # 20 lost the sprites, 30 over-draws them
+    assert best_snapshot(run, far_range=None)[0] == 20
+    history["val_vivid_far"] = [[10, 0.1], [20, 0.2], [30, 2.5], [40, 3.0]]
+    (run / "history.json").write_text(json.dumps(history))
+    assert best_snapshot(run)[0] == 20
+
+
 def test_export_best_copies_the_snapshot(tmp_path, capsys):
     run = make_run(tmp_path, {10: 0.1, 20: 0.5}, roughness={})
     step, out = export_best(run, TINY)

@@ -5,7 +5,10 @@ DMD does not get better monotonically (docs/training.md): a stage keeps bf16 sna
 the weights to keep are the snapshot with the best score, not the last one. The default score
 is `val_sprites` (the true sprites drawn where the world has them), because PSNR rewards the
 blur of a mean prediction that loses them; snapshots whose `val_roughness` shows the
-per-patch noise DMD can teach are left out.
+per-patch noise DMD can teach are left out, and so, where the history has `val_vivid_far`
+(sprite pixels over the second horizon, generated / true), are those that have lost the
+sprites past the horizon or over-draw them there (outside FAR_VIVID_RANGE): the rule fixed
+before the ninth session's runs (docs/training.md).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from .. import checkpoint as ckpt
 
 SCORES = ("val_sprites", "val_vivid", "val_psnr", "val_ssim")   # higher is better
 MAX_ROUGHNESS = 0.3   # the world's frames score 0.20, per-patch noise climbs past 0.3
+FAR_VIVID_RANGE = (0.5, 2.0)   # val_vivid_far kept: sprites drawn past the horizon, not 2x over
 
 
 def snapshot_path(run_dir, step: int) -> Path:
@@ -26,11 +30,14 @@ def snapshot_path(run_dir, step: int) -> Path:
 
 
 def best_snapshot(run_dir, score: str = "val_sprites", steps: Optional[Sequence[int]] = None,
-                  max_roughness: float = MAX_ROUGHNESS) -> tuple[int, Path]:
+                  max_roughness: float = MAX_ROUGHNESS,
+                  far_range: Optional[tuple[float, float]] = FAR_VIVID_RANGE) -> tuple[int, Path]:
     """(step, path) of the snapshot of `run_dir` with the highest `score` in its history
     (ties: the higher val_psnr, then the earlier step), among `steps` when given (e.g. the
-    steps every run of a comparison reached) and among those with val_roughness below
-    `max_roughness` when any is. Raises ValueError naming the run and what is missing."""
+    steps every run of a comparison reached), among those with val_roughness below
+    `max_roughness` when any is, and of those among the ones with val_vivid_far inside
+    `far_range` when any is (None: no such filter). Raises ValueError naming the run and
+    what is missing."""
     run_dir = Path(run_dir)
     if score not in SCORES:
         raise ValueError(f"score = {score!r}, allowed: {', '.join(SCORES)}")
@@ -38,7 +45,8 @@ def best_snapshot(run_dir, score: str = "val_sprites", steps: Optional[Sequence[
     if not history_file.is_file():
         raise ValueError(f"{run_dir}: no history.json; is it a training run folder?")
     history = json.loads(history_file.read_text())
-    values = {k: {int(s): v for s, v in history.get(k, [])} for k in (score, "val_psnr", "val_roughness")}
+    values = {k: {int(s): v for s, v in history.get(k, [])}
+              for k in (score, "val_psnr", "val_roughness", "val_vivid_far")}
     have = {s for s in values[score] if snapshot_path(run_dir, s).is_file()}
     if steps is not None:
         have &= {int(s) for s in steps}
@@ -48,6 +56,10 @@ def best_snapshot(run_dir, score: str = "val_sprites", steps: Optional[Sequence[
                          + " (snapshots are scored every snapshot_every steps)")
     smooth = {s for s in have if values["val_roughness"].get(s, 0.0) < max_roughness}
     pool = smooth or have
+    if far_range is not None:
+        lo, hi = far_range
+        far = {s for s in pool if s in values["val_vivid_far"] and lo <= values["val_vivid_far"][s] <= hi}
+        pool = far or pool
     best = max(pool, key=lambda s: (values[score][s], values["val_psnr"].get(s, 0.0), -s))
     return best, snapshot_path(run_dir, best)
 
