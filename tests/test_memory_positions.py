@@ -12,6 +12,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import sparsedsl as sd
+from codegen.memory.rollout_cache import GROWTH_START_CHUNKS
 from models.attention import PatternBackend, resolve_pattern
 from models.config import ConfigError, load_config
 from models.rope import apply_rope, rope_angles, time_shift_angles
@@ -20,6 +22,10 @@ from tests.test_model import random_model, run_rollout
 CFG = load_config("tiny")
 REALIGNED = dataclasses.replace(CFG, attention=dataclasses.replace(
     CFG.attention, memory_positions="realigned"))
+# memory (a sink) and an unbounded window: the only kind of pattern whose pool grows along a
+# rollout (the cache doubles it), so the realignment's bookkeeping must follow new slots
+SINK_MOBA = sd.Pattern(sd.VideoLayout(4, 4, (2, 2), 3), sink=sd.Sink(1),
+                       window=sd.LocalWindow(None, sd.TopK(k=2)), name="sink-moba")
 
 
 @settings(max_examples=30, deadline=None)
@@ -36,11 +42,14 @@ def test_a_time_shift_moves_rotated_keys_to_another_frame(frame, delta, head_dim
     torch.testing.assert_close(moved, apply_rope(k, want_cos, want_sin), rtol=1e-4, atol=1e-4)
 
 
-def _committed_rollout(steps: int, seed: int = 0):
+def _committed_rollout(steps: int, seed: int = 0, pattern="sparse-forcing"):
     """A PatternCache (realigned) fed `steps` chunks of keys rotated at their own frames, and
     the unrotated keys of every frame [B, H, frames, n, D]."""
-    backend = PatternBackend(REALIGNED, resolve_pattern("sparse-forcing", REALIGNED))
-    cache = backend.new_cache(2, "cpu", torch.float32, max_frames=3 * steps + 3)
+    backend = PatternBackend(REALIGNED, resolve_pattern(pattern, REALIGNED))
+    # an unbounded window's pool is sized for max_frames up front; without it, it grows
+    grows = backend.program.schedule.window.frames is None
+    cache = backend.new_cache(2, "cpu", torch.float32, max_frames=None if grows else 3 * steps + 3)
+    cache.pool_sizes = []
     c, n, D, H = CFG.video.chunk_frames, CFG.tokens_per_frame, CFG.head_dim, CFG.model.heads
     g = torch.Generator().manual_seed(seed)
     raw = torch.randn(2, H, c * steps, n, D, generator=g)
@@ -52,14 +61,18 @@ def _committed_rollout(steps: int, seed: int = 0):
         for layer in range(cache.num_layers):
             cache.attend(layer, q, k, v)            # realigns the memory before the step reads it
             cache.commit(layer, q, k, v)
+        cache.pool_sizes.append(cache.cache.tables(0).slot_block.shape[2])
     for layer in range(cache.num_layers):
         cache.attend(layer, q, k, v)                # the next step's realignment
     return backend, cache, raw
 
 
-@pytest.mark.parametrize("steps", [1, 3, 6])
-def test_realigned_memory_sits_just_before_the_window(steps):
-    backend, cache, raw = _committed_rollout(steps)
+@pytest.mark.parametrize("steps, pattern", [(1, "sparse-forcing"), (3, "sparse-forcing"),
+                                            (6, "sparse-forcing"),
+                                            (GROWTH_START_CHUNKS + 3, SINK_MOBA)],
+                         ids=["1", "3", "6", "grown-pool"])
+def test_realigned_memory_sits_just_before_the_window(steps, pattern):
+    backend, cache, raw = _committed_rollout(steps, pattern=pattern)
     s, lay = backend.program.schedule, backend.layout
     D, nb = CFG.head_dim, s.blocks_per_frame
     start = s.window_frames_range(steps)[0]
@@ -85,6 +98,12 @@ def test_realigned_memory_sits_just_before_the_window(steps):
                     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
                     torch.testing.assert_close(tables.k_rep[b, h, slot, :D], want.mean(0),
                                                rtol=1e-4, atol=1e-4)
+    if pattern is SINK_MOBA:
+        # the pool grew between realignments, and with the whole past in the window nothing
+        # has left it: every key, old slot or new, is where it was committed
+        assert cache.pool_sizes[-1] > cache.pool_sizes[0], cache.pool_sizes
+        assert moved_blocks == 0
+        return
     # with 6 chunks of a 3-frame window some memory has been moved; with 1, nothing has left
     assert (moved_blocks > 0) == (steps > 2), moved_blocks
 
