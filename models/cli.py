@@ -163,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--best", nargs="?", const="val_sprites", default=None, metavar="SCORE",
                    help="instead of the last checkpoint, the snapshot with the highest "
                         "validation SCORE (default val_sprites; val_vivid, val_psnr, val_ssim), "
-                        "leaving out noisy ones (val_roughness >= 0.3)")
+                        "leaving out noisy ones (val_roughness >= 0.3) and, where scored, "
+                        "those that lose or over-draw the sprites past the horizon "
+                        "(val_vivid_far outside 0.5-2)")
     p.set_defaults(func=cmd_export)
     from .generate import add_parser as add_generate_parser
     from .evaluate import add_parser as add_evaluate_parser
