@@ -11,8 +11,9 @@ step 10 on an H100, against 0.114 ms for the tile by NW); it now sizes it by NW
 times, at B=1, H=12 (12 KV heads), D=128, NQB=84 (a 3-frame chunk of 30x52 tokens in 8x8
 tiles: 4x7 = 28 blocks a frame), k=32, mode "union", no static set (moba's select):
 
-1. `select_topk` with backend="triton" (the tile sized by the valid count NW) and
-   backend="torch" (gather + GEMM + torch.topk), at NW = 168, 336, 672, 1344, 2688 in the pool allocation that holds
+1. `select_topk` with backend="triton" (the tile sized by the valid count NW), with
+   `codegen.select.SELECT_TILED` on (past the threshold: tiles of that many positions, their
+   best k merged by one torch.topk) and backend="torch" (gather + GEMM + torch.topk), at NW = 168, 336, 672, 1344, 2688 in the pool allocation that holds
    them, and at moba's own (NW, NWMAX) at AR steps 4, 10, 20, 40 (the pool from the cache's
    growth rule, `codegen.memory.rollout_cache`); whether the two backends' picks agree;
 2. `block_importance` (the Sparse Forcing commit's column sum; its domain is P_t + a bounded
@@ -163,8 +164,9 @@ def select_table(args, schedule, device) -> str:
     tuned = (schedule.layout.blocks_per_frame * 6) if not args.cpu_smoke else 8
     gen = torch.Generator(device=device).manual_seed(0)
     rows = ["| size | NW | NWMAX | Triton tile by NW (BLOCK_W, BLOCK_Q, warps) | "
-            "triton ms | torch ms | triton / torch | picks equal | program's choice now |",
-            "|" + "---|" * 9]
+            "triton ms | torch ms | triton / torch | picks equal | program's choice now | "
+            "tiled triton ms (SELECT_TILED) | tiled picks equal |",
+            "|" + "---|" * 11]
     sizes = size_rows(schedule, tuned) if not args.cpu_smoke else [
         ("smoke", 8, 8), ("smoke", 12, 16), ("smoke", 20, 32)]
     for label, nw, nwmax in sizes:
@@ -172,8 +174,8 @@ def select_table(args, schedule, device) -> str:
         k_eff = min(k, nw)
         t_torch_call, vs_torch = run_select(inputs, nw, k, "torch")
         t_torch = safe(lambda: time_ms(t_torch_call, device, args.warmup, args.reps))
-        t_tri = "n/a (CPU smoke: torch only)"
-        equal = "n/a"
+        t_tri = t_tiled = "n/a (CPU smoke: torch only)"
+        equal = equal_tiled = "n/a"
         tile = "n/a"
         if not args.cpu_smoke:
             tile = str(sel._tile_config(nw, NQB)) if nw <= OFF else f"> {OFF}: refused"
@@ -182,9 +184,20 @@ def select_table(args, schedule, device) -> str:
             if isinstance(t_tri, float):
                 diff = int((vs_tri[..., :k_eff] != vs_torch[..., :k_eff]).any(-1).sum())
                 equal = "yes" if diff == 0 else f"no: {diff} of {B * H * NQB} rows differ"
+            old = sel.SELECT_TILED
+            sel.SELECT_TILED = True       # past the threshold: tiles merged by one topk
+            try:
+                call_t, vs_tiled = run_select(inputs, nw, k, "triton")
+                t_tiled = safe(lambda: time_ms(call_t, device, args.warmup, args.reps))
+            finally:
+                sel.SELECT_TILED = old
+            if isinstance(t_tiled, float):
+                diff = int((vs_tiled[..., :k_eff] != vs_torch[..., :k_eff]).any(-1).sum())
+                equal_tiled = "yes" if diff == 0 else f"no: {diff} of {B * H * NQB} rows differ"
         choice = sel.select_backend_for("triton", nw)
         rows.append(f"| {label} | {nw} | {nwmax} | {tile} | {cell(t_tri)} | "
-                    f"{cell(t_torch)} | {ratio(t_tri, t_torch)} | {equal} | {choice} |")
+                    f"{cell(t_torch)} | {ratio(t_tri, t_torch)} | {equal} | {choice} | "
+                    f"{cell(t_tiled)} | {equal_tiled} |")
     return "\n".join([
         f"### select_topk: B={B}, H={H}, NQB={NQB}, D={D}, k={k}, union, no static set "
         f"(SELECT_TRITON_MAX_POSITIONS = {sel.SELECT_TRITON_MAX_POSITIONS})", ""] + rows)

@@ -125,6 +125,13 @@ SELECT_TOPK_ALGO = "auto"
 # (up to _MAX_TRITON_POSITIONS valid positions). A positive int; set it to
 # _MAX_TRITON_POSITIONS to turn the fallback off.
 SELECT_TRITON_MAX_POSITIONS = 1024
+# The tiled Triton select for windows past SELECT_TRITON_MAX_POSITIONS (issue 12): tiles of
+# that many positions, each keeping its best k, merged by one torch.topk
+# (`_select_topk_tiled`). Checked against the float64 reference in the interpreter only, not
+# yet on a GPU nor timed there, so it is opt-in: False keeps the torch path above the
+# threshold. Picks with k above SELECT_TILED_MAX_K take the torch path (k rounds of a row max).
+SELECT_TILED = False
+SELECT_TILED_MAX_K = 128
 _INT64_MIN = -(2**63)
 
 
@@ -176,7 +183,7 @@ def select_backend_for(backend: str, n_positions: int) -> str:
         raise ValueError(f"select_backend_for: backend = {backend!r}, allowed: 'auto', "
                          "'triton' or 'torch'")
     n = _need_int("select_backend_for", "n_positions", n_positions, 0)
-    if backend != "torch" and n > _triton_max_positions():
+    if backend != "torch" and n > _triton_max_positions() and not SELECT_TILED:
         return "torch"
     return backend
 
@@ -455,20 +462,60 @@ def select_topk_torch(q_rep, k_rep_pool, window_slots, window_count, static_pos,
     kk = torch.clamp(cand.sum(1), max=k)                                     # [NQB]
     keys = _score_keys(scores, cand[None, None].expand(B, H, NQB, NW))
     top = torch.topk(keys, kmax, dim=-1, sorted=True).values                 # [B, H, NQB, kmax]
-    rank = torch.arange(kmax, device=dev)
-    take = rank < kk[:, None]                                                # [NQB, kmax]
+    take = torch.arange(kmax, device=dev) < kk[:, None]                      # [NQB, kmax]
+    return _append_picks(top, take, slots, group, visit_slots, visit_count)
+
+
+def _append_picks(top, take, slots, group, visit_slots, visit_count):
+    """Append picks to the visit table: `top` int64 keys [B, H, NQB, kmax] best first (the
+    low word is ~window position), `take` (broadcastable to it) where a pick is real, `slots`
+    [B, HKV, NW] the window's pool slots. Shared by the torch and the tiled paths."""
+    B, H, NQB, kmax = top.shape
+    MAXV = visit_slots.shape[3]
+    dev = top.device
+    take = take.expand(B, H, NQB, kmax)
     pos = torch.where(take, _LOW31 - (top & _LOW31), torch.zeros((), dtype=torch.int64, device=dev))
-    picked = torch.gather(slots.repeat_interleave(group, dim=1), 2,
+    picked = torch.gather(slots.long().repeat_interleave(group, dim=1), 2,
                           pos.reshape(B, H, NQB * kmax)).reshape(B, H, NQB, kmax)
     count = visit_count.long()
-    cols = count[..., None] + rank
+    cols = count[..., None] + torch.arange(kmax, device=dev)
     ok = take & (cols >= 0) & (cols < MAXV)
     wide = torch.empty(B, H, NQB, MAXV + 1, dtype=visit_slots.dtype, device=dev)
     wide[..., :MAXV] = visit_slots
     wide.scatter_(3, torch.where(ok, cols, torch.full_like(cols, MAXV)), picked.to(wide.dtype))
     visit_slots.copy_(wide[..., :MAXV])
-    visit_count.copy_(torch.clamp(count + kk, max=MAXV))
+    visit_count.copy_(torch.clamp(count + take.sum(-1), max=MAXV))
     return visit_slots, visit_count
+
+
+def _select_topk_tiled(q_rep, k_rep_pool, window_slots, NW, static_pos, static_count, mode,
+                       k, visit_slots, visit_count, tile: int):
+    """The Top-K of a window wider than one program's tile: each program scores `tile`
+    positions of the window for BLOCK_Q query blocks and keeps their best min(k, NW) keys
+    (one launch, `_select_partial_kernel`); one torch.topk over the per-tile bests merges
+    them (the keys are distinct and carry their position, so the merge has the same tie rule
+    and order as one pass over the whole window); the picks are appended as the torch path
+    does. Inputs are checked by the caller."""
+    B, H, NQB, D = q_rep.shape
+    HKV, NSLOTS = k_rep_pool.shape[1], k_rep_pool.shape[2]
+    SMAX = static_pos.shape[1]
+    kmax = min(k, NW)
+    block_w, block_q, warps = _tile_config(tile, NQB)
+    n_tiles = triton.cdiv(NW, block_w)
+    block_k = _pow2(kmax, 1)
+    part = torch.empty(B, H, NQB, n_tiles, block_k, dtype=torch.int64, device=q_rep.device)
+    sp_stride = static_pos.stride() if SMAX else (0, 0)
+    grid = (triton.cdiv(NQB, block_q) * n_tiles, H, B)
+    _select_partial_kernel[grid](
+        q_rep, k_rep_pool, window_slots, static_pos, static_count, part,
+        NQB, NW, NSLOTS, SMAX, kmax, n_tiles, H // HKV,
+        *q_rep.stride(), *k_rep_pool.stride(), *window_slots.stride(),
+        *sp_stride, static_count.stride(0), *part.stride(),
+        D=D, UNION=(mode == "union"), DC=SELECT_DC,
+        BLOCK_Q=block_q, BLOCK_W=block_w, BLOCK_K=block_k, num_warps=warps)
+    top = torch.topk(part.reshape(B, H, NQB, n_tiles * block_k), kmax, dim=-1, sorted=True).values
+    return _append_picks(top, top != _INT64_MIN, window_slots[:, :, :NW], H // HKV,
+                         visit_slots, visit_count)
 
 
 def _tile_config(n_pos: int, nqb: int) -> tuple[int, int, int]:
@@ -519,7 +566,12 @@ def select_topk(q_rep, k_rep_pool, window_slots, window_count, static_pos, stati
     MAXV = visit_slots.shape[3]
     # "auto" with a large window takes the torch path (issue 12; select_backend_for)
     use_triton = _use_triton(fn, _auto_by_size(backend, NW), q_rep.device)
-    if use_triton and NW > _MAX_TRITON_POSITIONS:
+    tile = _triton_max_positions()
+    tiled = (use_triton and SELECT_TILED and NW > tile and k > 0 and NQB > 0 and B * H > 0
+             and min(k, NW) <= SELECT_TILED_MAX_K)
+    if use_triton and SELECT_TILED and NW > tile and not tiled:
+        use_triton = False        # a k too large for the per-tile rounds: the torch path
+    if use_triton and not tiled and NW > _MAX_TRITON_POSITIONS:
         raise ValueError(f"{fn}: window_count = NW = {NW} window positions, the Triton "
                          f"kernel holds at most {_MAX_TRITON_POSITIONS} per program; "
                          "use backend='torch'")
@@ -530,6 +582,9 @@ def select_topk(q_rep, k_rep_pool, window_slots, window_count, static_pos, stati
         return select_topk_torch(q_rep, k_rep_pool, window_slots, NW, static_pos,
                                  static_count, mode, k, visit_slots, visit_count,
                                  check_values=False)
+    if tiled:
+        return _select_topk_tiled(q_rep, k_rep_pool, window_slots, NW, static_pos,
+                                  static_count, mode, k, visit_slots, visit_count, tile)
     kmax = min(k, NW)
     if kmax == 0 or NQB == 0 or B * H == 0:
         return visit_slots, visit_count
@@ -807,6 +862,66 @@ if triton is not None:
         tl.store(vs_row[:, None] + col * svs_v, picked, mask=take & (col >= 0) & (col < MAXV))
         tl.store(vc_ptr + b * svc_b + h * svc_h + qb * svc_q,
                  tl.minimum(count + n_take, MAXV), mask=q_ok)
+
+    @triton.jit
+    def _select_partial_kernel(
+        q_ptr, kp_ptr, ws_ptr, sp_ptr, sc_ptr, part_ptr,
+        NQB, NW, NSLOTS, SMAX, KMAX, NTILES, GROUP,
+        sq_b, sq_h, sq_q, sq_d,
+        sk_b, sk_h, sk_s, sk_d,
+        sw_b, sw_h, sw_p,
+        sp_q, sp_s, sc_q,
+        spt_b, spt_h, spt_q, spt_t, spt_k,
+        D: tl.constexpr, UNION: tl.constexpr, DC: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # One program = (b, h, BLOCK_Q query blocks, window tile t of BLOCK_W positions): the
+        # select kernel's scores, candidates and int64 keys on positions [t*BLOCK_W, ...),
+        # then its best KMAX keys (KMAX rounds of a row max, best first) written to
+        # part[b, h, qb, t, :]; the rest of the row is the empty key (int64 min).
+        t = tl.program_id(0) % NTILES
+        h = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        g = (h // GROUP).to(tl.int64)
+        h = h.to(tl.int64)
+        qb = (tl.program_id(0) // NTILES) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        q_ok = qb < NQB
+        pos = t * BLOCK_W + tl.arange(0, BLOCK_W)
+        p_ok = pos < NW
+        ws_base = ws_ptr + b * sw_b + g * sw_h
+        slot = tl.load(ws_base + pos * sw_p, mask=p_ok, other=0)
+        s_ok = p_ok & (slot >= 0) & (slot < NSLOTS)        # never read outside the pool
+        k_row = kp_ptr + b * sk_b + g * sk_h + slot.to(tl.int64) * sk_s
+        q_row = q_ptr + b * sq_b + h * sq_h + qb.to(tl.int64) * sq_q
+        scores = _rep_scores(q_row, sq_d, q_ok, k_row, sk_d, s_ok, D, DC, BLOCK_Q, BLOCK_W)
+
+        n_static = tl.load(sc_ptr + qb * sc_q, mask=q_ok, other=0)
+        member = tl.zeros([BLOCK_Q, BLOCK_W], dtype=tl.int32)
+        for s in range(0, SMAX):
+            sp = tl.load(sp_ptr + qb * sp_q + s * sp_s, mask=q_ok & (s < n_static), other=-1)
+            member = member | (pos[None, :] == sp[:, None]).to(tl.int32)
+        if UNION:
+            cand = (member == 0) & p_ok[None, :]
+        else:
+            cand = (member != 0) & p_ok[None, :]
+
+        sc = tl.where(scores == 0.0, 0.0, scores)                 # -0.0 ties with +0.0
+        bits = sc.to(tl.int32, bitcast=True)
+        img = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        img = tl.where(sc != sc, -2139095041, img)                # NaN ranks like -inf
+        low = 2147483647 - pos.to(tl.int64)
+        key = (img.to(tl.int64) << 32) | low[None, :]
+        key = tl.where(cand, key, -9223372036854775808)
+
+        rank = tl.arange(0, BLOCK_K)
+        best_keys = tl.full([BLOCK_Q, BLOCK_K], -9223372036854775808, dtype=tl.int64)
+        for r in range(0, KMAX):
+            best = tl.max(key, axis=1)
+            best_keys = tl.where(rank[None, :] == r, best[:, None], best_keys)
+            key = tl.where(key == best[:, None], -9223372036854775808, key)
+        out = (part_ptr + b * spt_b + h * spt_h + qb.to(tl.int64)[:, None] * spt_q
+               + t * spt_t + rank[None, :] * spt_k)
+        tl.store(out, best_keys, mask=q_ok[:, None])
 
     @triton.jit
     def _importance_colsum(q_row, sq_d, q_ok, k_row, sk_d, s_ok, j_ok, scale_log2e,

@@ -557,6 +557,56 @@ def test_select_topk_tile_follows_the_valid_window(monkeypatch):
     assert sizes == [37], sizes
 
 
+@SETTINGS
+@given(st.integers(1, 2), st.integers(1, 2), st.integers(1, 2), st.integers(1, 5),
+       st.sampled_from([4, 8]), st.integers(17, 70), st.integers(0, 8),
+       st.sampled_from(["union", "intersection"]), st.integers(0, 12), st.booleans(),
+       st.integers(0, 2**31 - 1))
+def test_tiled_select_matches_reference(B, hkv, group, NQB, D, nw, spare, mode, k, quantised, seed):
+    """SELECT_TILED: a window wider than one tile (here 16 positions: up to 5 tiles) is
+    scored tile by tile, each tile's best k kept and merged: the reference's picks, in
+    order, with the same tie rule (quantised inputs tie often, also across tiles)."""
+    c = dict(B=B, hkv=hkv, H=hkv * group, NQB=NQB, D=D, nwmax=nw + spare, nw=nw,
+             nslots=nw + spare + 2, smax=3, mode=mode, k=k, quantised=quantised, seed=seed)
+    inp = make_select_inputs(c)
+    calls = []
+    old = (sel.SELECT_TILED, sel.SELECT_TRITON_MAX_POSITIONS, sel._select_topk_tiled)
+    real = sel._select_topk_tiled
+    try:
+        sel.SELECT_TILED, sel.SELECT_TRITON_MAX_POSITIONS = True, 16
+        sel._select_topk_tiled = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+        vs, vc = run_select("triton", c, inp)
+    finally:
+        sel.SELECT_TILED, sel.SELECT_TRITON_MAX_POSITIONS, sel._select_topk_tiled = old
+    check_select(c, inp, vs, vc)
+    assert len(calls) == (1 if k else 0), (calls, k)
+
+
+def test_tiled_select_is_opt_in_and_leaves_large_k_to_torch(monkeypatch):
+    """Off (the default), a window past the threshold takes the torch path; on, the tiled
+    Triton path, except for k past SELECT_TILED_MAX_K; select_backend_for follows."""
+    assert sel.SELECT_TILED is False
+    monkeypatch.setattr(sel, "SELECT_TRITON_MAX_POSITIONS", 16)
+    assert sel.select_backend_for("auto", 40) == "torch"
+    c = dict(B=1, hkv=1, H=1, NQB=2, D=4, nwmax=40, nw=40, nslots=42, smax=0, mode="union",
+             k=6, quantised=True, seed=3)
+    inp = make_select_inputs(c)
+    paths = []
+    real_tiled, real_torch = sel._select_topk_tiled, sel.select_topk_torch
+    monkeypatch.setattr(sel, "_select_topk_tiled", lambda *a, **kw: paths.append("tiled") or real_tiled(*a, **kw))
+    monkeypatch.setattr(sel, "select_topk_torch", lambda *a, **kw: paths.append("torch") or real_torch(*a, **kw))
+    check_select(c, inp, *run_select("auto" if DEVICE == "cuda" else "triton", c, inp))
+    monkeypatch.setattr(sel, "SELECT_TILED", True)
+    assert sel.select_backend_for("auto", 40) == "auto"
+    check_select(c, inp, *run_select("triton", c, inp))
+    monkeypatch.setattr(sel, "SELECT_TILED_MAX_K", 4)
+    check_select(c, inp, *run_select("triton", c, inp))
+    # the first call: "auto" on CUDA falls back to torch; the interpreter's forced "triton"
+    # runs the one-tile kernel (neither path recorded)
+    first = ["torch"] if DEVICE == "cuda" else []
+    assert paths == first + ["tiled", "torch"], paths
+
+
 def test_program_select_takes_the_torch_path_above_the_threshold(monkeypatch):
     """moba's window grows with the history; once its valid count passes
     SELECT_TRITON_MAX_POSITIONS the program's Triton visit tables run the torch select, and
