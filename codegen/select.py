@@ -518,6 +518,23 @@ def _select_topk_tiled(q_rep, k_rep_pool, window_slots, NW, static_pos, static_c
                          visit_slots, visit_count)
 
 
+def _select_path(fn: str, backend: str, device, NW: int, k: int) -> str:
+    """Which select runs: 'torch'; 'one-tile' (the Triton kernel, one tile of the whole
+    window); or 'tiled' (SELECT_TILED, past SELECT_TRITON_MAX_POSITIONS positions, k within
+    SELECT_TILED_MAX_K). "auto" past the threshold without SELECT_TILED is torch
+    (select_backend_for)."""
+    if not _use_triton(fn, _auto_by_size(backend, NW), device):
+        return "torch"
+    if SELECT_TILED and NW > _triton_max_positions():
+        # the per-tile rounds cost k row maxima: a large k takes the torch path
+        return "tiled" if min(k, NW) <= SELECT_TILED_MAX_K else "torch"
+    if NW > _MAX_TRITON_POSITIONS:
+        raise ValueError(f"{fn}: window_count = NW = {NW} window positions, the Triton "
+                         f"kernel holds at most {_MAX_TRITON_POSITIONS} per program; "
+                         "use backend='torch'")
+    return "one-tile"
+
+
 def _tile_config(n_pos: int, nqb: int) -> tuple[int, int, int]:
     """(BLOCK_W, BLOCK_Q, num_warps) of a [query blocks, positions] tile: about 2048 elements
     per program and 8 per thread.
@@ -564,27 +581,20 @@ def select_topk(q_rep, k_rep_pool, window_slots, window_count, static_pos, stati
         fn, q_rep, k_rep_pool, window_slots, window_count, static_pos, static_count,
         mode, k, visit_slots, visit_count)
     MAXV = visit_slots.shape[3]
-    # "auto" with a large window takes the torch path (issue 12; select_backend_for)
-    use_triton = _use_triton(fn, _auto_by_size(backend, NW), q_rep.device)
-    tile = _triton_max_positions()
-    tiled = (use_triton and SELECT_TILED and NW > tile and k > 0 and NQB > 0 and B * H > 0
-             and min(k, NW) <= SELECT_TILED_MAX_K)
-    if use_triton and SELECT_TILED and NW > tile and not tiled:
-        use_triton = False        # a k too large for the per-tile rounds: the torch path
-    if use_triton and not tiled and NW > _MAX_TRITON_POSITIONS:
-        raise ValueError(f"{fn}: window_count = NW = {NW} window positions, the Triton "
-                         f"kernel holds at most {_MAX_TRITON_POSITIONS} per program; "
-                         "use backend='torch'")
+    path = _select_path(fn, backend, q_rep.device, NW, k)
     if check_values:
         _check_select_values(fn, window_slots, NW, NSLOTS, static_pos, static_count, mode,
                              k, visit_count, MAXV)
-    if not use_triton:
+    if path == "torch":
         return select_topk_torch(q_rep, k_rep_pool, window_slots, NW, static_pos,
                                  static_count, mode, k, visit_slots, visit_count,
                                  check_values=False)
-    if tiled:
+    if path == "tiled":
+        if min(k, NW) == 0 or NQB == 0 or B * H == 0:
+            return visit_slots, visit_count
         return _select_topk_tiled(q_rep, k_rep_pool, window_slots, NW, static_pos,
-                                  static_count, mode, k, visit_slots, visit_count, tile)
+                                  static_count, mode, k, visit_slots, visit_count,
+                                  _triton_max_positions())
     kmax = min(k, NW)
     if kmax == 0 or NQB == 0 or B * H == 0:
         return visit_slots, visit_count
