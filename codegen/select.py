@@ -793,6 +793,43 @@ if triton is not None:
         return scores
 
     @triton.jit
+    def _window_keys(q_ptr, kp_ptr, ws_base, sp_ptr, sc_ptr, b, g, h, qb, q_ok, pos,
+                     NW, NSLOTS, SMAX, sq_b, sq_h, sq_q, sq_d, sk_b, sk_h, sk_s, sk_d,
+                     sw_p, sp_q, sp_s, sc_q, D: tl.constexpr, UNION: tl.constexpr,
+                     DC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_W: tl.constexpr):
+        # The select's [BLOCK_Q query blocks, BLOCK_W window positions `pos`] tile: int64
+        # keys (larger = better; int64 min for non-candidates) and the candidate mask.
+        p_ok = pos < NW
+        slot = tl.load(ws_base + pos * sw_p, mask=p_ok, other=0)
+        s_ok = p_ok & (slot >= 0) & (slot < NSLOTS)        # never read outside the pool
+
+        # scores[qb, p] = <q_rep[b, h, qb], k_rep_pool[b, g, slot[p]]>: IEEE fp32 FMAs over d
+        k_row = kp_ptr + b * sk_b + g * sk_h + slot.to(tl.int64) * sk_s
+        q_row = q_ptr + b * sq_b + h * sq_h + qb.to(tl.int64) * sq_q
+        scores = _rep_scores(q_row, sq_d, q_ok, k_row, sk_d, s_ok, D, DC, BLOCK_Q, BLOCK_W)
+
+        # candidates: static membership of each query block, then the mode
+        n_static = tl.load(sc_ptr + qb * sc_q, mask=q_ok, other=0)
+        member = tl.zeros([BLOCK_Q, BLOCK_W], dtype=tl.int32)
+        for s in range(0, SMAX):
+            sp = tl.load(sp_ptr + qb * sp_q + s * sp_s, mask=q_ok & (s < n_static), other=-1)
+            member = member | (pos[None, :] == sp[:, None]).to(tl.int32)
+        if UNION:
+            cand = (member == 0) & p_ok[None, :]
+        else:
+            cand = (member != 0) & p_ok[None, :]
+
+        # int64 keys: order-preserving image of the score << 32 | ~position (ties -> lower p)
+        sc = tl.where(scores == 0.0, 0.0, scores)                 # -0.0 ties with +0.0
+        bits = sc.to(tl.int32, bitcast=True)
+        img = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        img = tl.where(sc != sc, -2139095041, img)                # NaN ranks like -inf
+        low = 2147483647 - pos.to(tl.int64)
+        key = (img.to(tl.int64) << 32) | low[None, :]
+        key = tl.where(cand, key, -9223372036854775808)
+        return key, cand
+
+    @triton.jit
     def _select_topk_kernel(
         q_ptr, kp_ptr, ws_ptr, sp_ptr, sc_ptr, vs_ptr, vc_ptr,
         NQB, NW, NSLOTS, SMAX, KMAX, K, MAXV, GROUP,
@@ -817,36 +854,11 @@ if triton is not None:
         qb = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
         q_ok = qb < NQB
         pos = tl.arange(0, BLOCK_W)
-        p_ok = pos < NW
         ws_base = ws_ptr + b * sw_b + g * sw_h
-        slot = tl.load(ws_base + pos * sw_p, mask=p_ok, other=0)
-        s_ok = p_ok & (slot >= 0) & (slot < NSLOTS)        # never read outside the pool
-
-        # scores[qb, p] = <q_rep[b, h, qb], k_rep_pool[b, g, slot[p]]>: IEEE fp32 FMAs over d
-        k_row = kp_ptr + b * sk_b + g * sk_h + slot.to(tl.int64) * sk_s
-        q_row = q_ptr + b * sq_b + h * sq_h + qb.to(tl.int64) * sq_q
-        scores = _rep_scores(q_row, sq_d, q_ok, k_row, sk_d, s_ok, D, DC, BLOCK_Q, BLOCK_W)
-
-        # candidates: static membership of each query block, then the mode
-        n_static = tl.load(sc_ptr + qb * sc_q, mask=q_ok, other=0)
-        member = tl.zeros([BLOCK_Q, BLOCK_W], dtype=tl.int32)
-        for s in range(0, SMAX):
-            sp = tl.load(sp_ptr + qb * sp_q + s * sp_s, mask=q_ok & (s < n_static), other=-1)
-            member = member | (pos[None, :] == sp[:, None]).to(tl.int32)
-        if UNION:
-            cand = (member == 0) & p_ok[None, :]
-        else:
-            cand = (member != 0) & p_ok[None, :]
+        key, cand = _window_keys(q_ptr, kp_ptr, ws_base, sp_ptr, sc_ptr, b, g, h, qb, q_ok, pos,
+                                 NW, NSLOTS, SMAX, sq_b, sq_h, sq_q, sq_d, sk_b, sk_h, sk_s,
+                                 sk_d, sw_p, sp_q, sp_s, sc_q, D, UNION, DC, BLOCK_Q, BLOCK_W)
         n_take = tl.minimum(tl.sum(cand.to(tl.int32), axis=1), K)
-
-        # int64 keys: order-preserving image of the score << 32 | ~position (ties -> lower p)
-        sc = tl.where(scores == 0.0, 0.0, scores)                 # -0.0 ties with +0.0
-        bits = sc.to(tl.int32, bitcast=True)
-        img = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-        img = tl.where(sc != sc, -2139095041, img)                # NaN ranks like -inf
-        low = 2147483647 - pos.to(tl.int64)
-        key = (img.to(tl.int64) << 32) | low[None, :]
-        key = tl.where(cand, key, -9223372036854775808)
 
         if USE_SORT:
             # one bitonic sort of each row (keys are distinct): rank r = column r
@@ -897,31 +909,10 @@ if triton is not None:
         qb = (tl.program_id(0) // NTILES) * BLOCK_Q + tl.arange(0, BLOCK_Q)
         q_ok = qb < NQB
         pos = t * BLOCK_W + tl.arange(0, BLOCK_W)
-        p_ok = pos < NW
         ws_base = ws_ptr + b * sw_b + g * sw_h
-        slot = tl.load(ws_base + pos * sw_p, mask=p_ok, other=0)
-        s_ok = p_ok & (slot >= 0) & (slot < NSLOTS)        # never read outside the pool
-        k_row = kp_ptr + b * sk_b + g * sk_h + slot.to(tl.int64) * sk_s
-        q_row = q_ptr + b * sq_b + h * sq_h + qb.to(tl.int64) * sq_q
-        scores = _rep_scores(q_row, sq_d, q_ok, k_row, sk_d, s_ok, D, DC, BLOCK_Q, BLOCK_W)
-
-        n_static = tl.load(sc_ptr + qb * sc_q, mask=q_ok, other=0)
-        member = tl.zeros([BLOCK_Q, BLOCK_W], dtype=tl.int32)
-        for s in range(0, SMAX):
-            sp = tl.load(sp_ptr + qb * sp_q + s * sp_s, mask=q_ok & (s < n_static), other=-1)
-            member = member | (pos[None, :] == sp[:, None]).to(tl.int32)
-        if UNION:
-            cand = (member == 0) & p_ok[None, :]
-        else:
-            cand = (member != 0) & p_ok[None, :]
-
-        sc = tl.where(scores == 0.0, 0.0, scores)                 # -0.0 ties with +0.0
-        bits = sc.to(tl.int32, bitcast=True)
-        img = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-        img = tl.where(sc != sc, -2139095041, img)                # NaN ranks like -inf
-        low = 2147483647 - pos.to(tl.int64)
-        key = (img.to(tl.int64) << 32) | low[None, :]
-        key = tl.where(cand, key, -9223372036854775808)
+        key, cand = _window_keys(q_ptr, kp_ptr, ws_base, sp_ptr, sc_ptr, b, g, h, qb, q_ok, pos,
+                                 NW, NSLOTS, SMAX, sq_b, sq_h, sq_q, sq_d, sk_b, sk_h, sk_s,
+                                 sk_d, sw_p, sp_q, sp_s, sc_q, D, UNION, DC, BLOCK_Q, BLOCK_W)
 
         rank = tl.arange(0, BLOCK_K)
         best_keys = tl.full([BLOCK_Q, BLOCK_K], -9223372036854775808, dtype=tl.int64)
