@@ -1,4 +1,5 @@
 """models/distributed.py: a lone process, and two Gloo processes on CPU as torchrun starts them."""
+import gc
 import json
 import os
 import socket
@@ -66,6 +67,12 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump({"mean": mean.tolist(), "shard": mine, "main": is_main(info),
                        "grad": grad.flatten().tolist()}, f)
+        # release DDP (its reducer holds the process group) and meet once more before the
+        # group goes: a rank tearing gloo down while the other still talks to it aborted
+        # once under a loaded CI machine ("terminate called without an active exception")
+        del model
+        gc.collect()
+        barrier(info)
     finally:
         cleanup()
 
