@@ -159,6 +159,12 @@ def run_select(inputs, nw, k, backend):
     return call, vs
 
 
+def picks_equal(picks, reference, k_eff: int) -> str:
+    """'yes', or how many (b, h, query block) rows pick other slots than the reference."""
+    diff = int((picks[..., :k_eff] != reference[..., :k_eff]).any(-1).sum())
+    return "yes" if diff == 0 else f"no: {diff} of {reference[..., 0].numel()} rows differ"
+
+
 def select_table(args, schedule, device) -> str:
     B, H, NQB, D, k = 1, args.heads, schedule.layout.chunk_blocks, args.head_dim, args.k
     tuned = (schedule.layout.blocks_per_frame * 6) if not args.cpu_smoke else 8
@@ -182,8 +188,7 @@ def select_table(args, schedule, device) -> str:
             call, vs_tri = run_select(inputs, nw, k, "triton")
             t_tri = safe(lambda: time_ms(call, device, args.warmup, args.reps))
             if isinstance(t_tri, float):
-                diff = int((vs_tri[..., :k_eff] != vs_torch[..., :k_eff]).any(-1).sum())
-                equal = "yes" if diff == 0 else f"no: {diff} of {B * H * NQB} rows differ"
+                equal = picks_equal(vs_tri, vs_torch, k_eff)
             old = sel.SELECT_TILED
             sel.SELECT_TILED = True       # past the threshold: tiles merged by one topk
             try:
@@ -192,8 +197,7 @@ def select_table(args, schedule, device) -> str:
             finally:
                 sel.SELECT_TILED = old
             if isinstance(t_tiled, float):
-                diff = int((vs_tiled[..., :k_eff] != vs_torch[..., :k_eff]).any(-1).sum())
-                equal_tiled = "yes" if diff == 0 else f"no: {diff} of {B * H * NQB} rows differ"
+                equal_tiled = picks_equal(vs_tiled, vs_torch, k_eff)
         choice = sel.select_backend_for("triton", nw)
         rows.append(f"| {label} | {nw} | {nwmax} | {tile} | {cell(t_tri)} | "
                     f"{cell(t_torch)} | {ratio(t_tri, t_torch)} | {equal} | {choice} | "
@@ -268,11 +272,11 @@ def program_table(args, device: str) -> str:
                             qb, tables, step, select_backend=program.backend, validate=False),
                             device, args.warmup, args.reps)))
                 nwmax = tables.window_slots.shape[2]
+                nw = program.schedule.window_block_count(step)
                 sel.SELECT_TRITON_MAX_POSITIONS = on
-                path = sel.select_backend_for(program.backend,
-                                              program.schedule.window_block_count(step))
+                path = sel.select_backend_for(program.backend, nw, tiled=sel.SELECT_TILED)
                 (a_on, b_on, t_on), (a_off, b_off, t_off) = cells["on"], cells["off"]
-                rows.append(f"| {step} | {program.schedule.window_block_count(step)} | {nwmax} | "
+                rows.append(f"| {step} | {nw} | {nwmax} | "
                             f"{path} | {cell(a_on)} | {cell(a_off)} | {ratio(a_on, a_off)} | "
                             f"{cell(b_on)} | {cell(b_off)} | {cell(t_on)} | {cell(t_off)} |")
                 print(rows[-1], file=sys.stderr, flush=True)

@@ -273,7 +273,8 @@ class PBSAProgram:
             # doubles with an unbounded window's history); above
             # select.SELECT_TRITON_MAX_POSITIONS positions the select runs its torch path
             # (same picks; issue 12)
-            backend = select_ops.select_backend_for(select_backend, n_window)
+            backend = select_ops.select_backend_for(select_backend, n_window,
+                                                    tiled=select_ops.SELECT_TILED)
             select_ops.select_topk(q_rep, tables.k_rep, tables.window_slots, n_window, pos,
                                    cnt, split.mode, k, visit_slots, visit_count,
                                    backend=backend, check_values=validate)

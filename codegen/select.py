@@ -173,26 +173,32 @@ def _triton_max_positions() -> int:
     return v
 
 
-def select_backend_for(backend: str, n_positions: int) -> str:
+def select_backend_for(backend: str, n_positions: int, *, tiled: bool = False) -> str:
     """The backend a caller should pass to `select_topk` / `block_importance` for
     `n_positions` valid positions (window_count NW / domain_count ND): 'torch' when
     `backend` may pick Triton ('auto' or 'triton') and n_positions >
     SELECT_TRITON_MAX_POSITIONS, else `backend` unchanged. The program's visit tables use
-    it, so an unbounded window past the threshold runs the torch path."""
+    it, so an unbounded window past the threshold runs the torch path.
+
+    tiled=True says the caller's kernel has a tiled path past the threshold (select_topk
+    with SELECT_TILED on), so `backend` stays; block_importance has none and keeps the
+    default."""
     if backend not in _BACKENDS:
         raise ValueError(f"select_backend_for: backend = {backend!r}, allowed: 'auto', "
                          "'triton' or 'torch'")
     n = _need_int("select_backend_for", "n_positions", n_positions, 0)
-    if backend != "torch" and n > _triton_max_positions() and not SELECT_TILED:
+    if backend != "torch" and n > _triton_max_positions() and not tiled:
         return "torch"
     return backend
 
 
-def _auto_by_size(backend: str, n_positions: int) -> str:
+def _auto_by_size(backend: str, n_positions: int, *, tiled: bool = False) -> str:
     """`backend`, with "auto" resolved by size: 'torch' above SELECT_TRITON_MAX_POSITIONS
-    valid positions (the rule of `select_backend_for`, which an explicit 'triton' obeys
-    only when the caller asks it)."""
-    return select_backend_for(backend, n_positions) if backend == "auto" else backend
+    valid positions unless `tiled` (the rule of `select_backend_for`, which an explicit
+    'triton' obeys only when the caller asks it)."""
+    if backend != "auto":
+        return backend
+    return select_backend_for(backend, n_positions, tiled=tiled)
 
 
 def _shape(t: torch.Tensor) -> tuple:
@@ -523,7 +529,7 @@ def _select_path(fn: str, backend: str, device, NW: int, k: int) -> str:
     window); or 'tiled' (SELECT_TILED, past SELECT_TRITON_MAX_POSITIONS positions, k within
     SELECT_TILED_MAX_K). "auto" past the threshold without SELECT_TILED is torch
     (select_backend_for)."""
-    if not _use_triton(fn, _auto_by_size(backend, NW), device):
+    if not _use_triton(fn, _auto_by_size(backend, NW, tiled=SELECT_TILED), device):
         return "torch"
     if SELECT_TILED and NW > _triton_max_positions():
         # the per-tile rounds cost k row maxima: a large k takes the torch path
@@ -540,8 +546,9 @@ def _tile_config(n_pos: int, nqb: int) -> tuple[int, int, int]:
     per program and 8 per thread.
 
     n_pos is this step's valid count (NW / ND), not the allocation (NWMAX / NDOMMAX): the
-    empty slots of a doubled pool are neither gathered nor scored. At NW=168 (BLOCK_W=256): 8 query blocks and 8 warps per
-    program -> 11 x 12 = 132 programs for NQB=84, H=12 (one H100 wave).
+    empty slots of a doubled pool are neither gathered nor scored. At NW=168
+    (BLOCK_W=256): 8 query blocks and 8 warps per program -> 11 x 12 = 132 programs for
+    NQB=84, H=12 (one H100 wave).
     """
     block_w = _pow2(n_pos)
     block_q = max(1, min(8, 2048 // block_w, _pow2(nqb, 1)))
@@ -573,7 +580,8 @@ def select_topk(q_rep, k_rep_pool, window_slots, window_count, static_pos, stati
     updated in place: the min(k, #candidates) best positions' slots are written at
     visit_slots[b, h, qb, visit_count : visit_count + n], best first.
     backend "auto": Triton on CUDA tensors while NW <= SELECT_TRITON_MAX_POSITIONS, else
-    the torch path; "triton" / "torch" force one (see `select_backend_for`).
+    the torch path, or with SELECT_TILED on the tiled Triton path; "triton" / "torch"
+    force one (see `select_backend_for` and `_select_path`).
     Returns (visit_slots, visit_count).
     """
     fn = "select_topk"
@@ -589,15 +597,13 @@ def select_topk(q_rep, k_rep_pool, window_slots, window_count, static_pos, stati
         return select_topk_torch(q_rep, k_rep_pool, window_slots, NW, static_pos,
                                  static_count, mode, k, visit_slots, visit_count,
                                  check_values=False)
-    if path == "tiled":
-        if min(k, NW) == 0 or NQB == 0 or B * H == 0:
-            return visit_slots, visit_count
-        return _select_topk_tiled(q_rep, k_rep_pool, window_slots, NW, static_pos,
-                                  static_count, mode, k, visit_slots, visit_count,
-                                  _triton_max_positions())
     kmax = min(k, NW)
     if kmax == 0 or NQB == 0 or B * H == 0:
         return visit_slots, visit_count
+    if path == "tiled":
+        return _select_topk_tiled(q_rep, k_rep_pool, window_slots, NW, static_pos,
+                                  static_count, mode, k, visit_slots, visit_count,
+                                  _triton_max_positions())
     block_w, block_q, warps = _tile_config(NW, NQB)   # by the valid window, not NWMAX
     block_k = _pow2(kmax, 1)
     sp_stride = static_pos.stride() if SMAX else (0, 0)

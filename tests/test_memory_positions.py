@@ -43,13 +43,14 @@ def test_a_time_shift_moves_rotated_keys_to_another_frame(frame, delta, head_dim
 
 
 def _committed_rollout(steps: int, seed: int = 0, pattern="sparse-forcing"):
-    """A PatternCache (realigned) fed `steps` chunks of keys rotated at their own frames, and
-    the unrotated keys of every frame [B, H, frames, n, D]."""
+    """A PatternCache (realigned) fed `steps` chunks of keys rotated at their own frames, the
+    unrotated keys of every frame [B, H, frames, n, D], and the pool's slot count after each
+    step."""
     backend = PatternBackend(REALIGNED, resolve_pattern(pattern, REALIGNED))
     # an unbounded window's pool is sized for max_frames up front; without it, it grows
     grows = backend.program.schedule.window.frames is None
     cache = backend.new_cache(2, "cpu", torch.float32, max_frames=None if grows else 3 * steps + 3)
-    cache.pool_sizes = []
+    pool_sizes = []
     c, n, D, H = CFG.video.chunk_frames, CFG.tokens_per_frame, CFG.head_dim, CFG.model.heads
     g = torch.Generator().manual_seed(seed)
     raw = torch.randn(2, H, c * steps, n, D, generator=g)
@@ -61,10 +62,10 @@ def _committed_rollout(steps: int, seed: int = 0, pattern="sparse-forcing"):
         for layer in range(cache.num_layers):
             cache.attend(layer, q, k, v)            # realigns the memory before the step reads it
             cache.commit(layer, q, k, v)
-        cache.pool_sizes.append(cache.cache.tables(0).slot_block.shape[2])
+        pool_sizes.append(cache.cache.tables(0).slot_block.shape[2])
     for layer in range(cache.num_layers):
         cache.attend(layer, q, k, v)                # the next step's realignment
-    return backend, cache, raw
+    return backend, cache, raw, pool_sizes
 
 
 @pytest.mark.parametrize("steps, pattern", [(1, "sparse-forcing"), (3, "sparse-forcing"),
@@ -72,7 +73,7 @@ def _committed_rollout(steps: int, seed: int = 0, pattern="sparse-forcing"):
                                             (GROWTH_START_CHUNKS + 3, SINK_MOBA)],
                          ids=["1", "3", "6", "grown-pool"])
 def test_realigned_memory_sits_just_before_the_window(steps, pattern):
-    backend, cache, raw = _committed_rollout(steps, pattern=pattern)
+    backend, cache, raw, pool_sizes = _committed_rollout(steps, pattern=pattern)
     s, lay = backend.program.schedule, backend.layout
     D, nb = CFG.head_dim, s.blocks_per_frame
     start = s.window_frames_range(steps)[0]
@@ -101,7 +102,7 @@ def test_realigned_memory_sits_just_before_the_window(steps, pattern):
     if pattern is SINK_MOBA:
         # the pool grew between realignments, and with the whole past in the window nothing
         # has left it: every key, old slot or new, is where it was committed
-        assert cache.pool_sizes[-1] > cache.pool_sizes[0], cache.pool_sizes
+        assert pool_sizes[-1] > pool_sizes[0], pool_sizes
         assert moved_blocks == 0
         return
     # with 6 chunks of a 3-frame window some memory has been moved; with 1, nothing has left

@@ -597,7 +597,10 @@ def test_tiled_select_is_opt_in_and_leaves_large_k_to_torch(monkeypatch):
     monkeypatch.setattr(sel, "select_topk_torch", lambda *a, **kw: paths.append("torch") or real_torch(*a, **kw))
     check_select(c, inp, *run_select("auto" if DEVICE == "cuda" else "triton", c, inp))
     monkeypatch.setattr(sel, "SELECT_TILED", True)
-    assert sel.select_backend_for("auto", 40) == "auto"
+    assert sel.select_backend_for("auto", 40, tiled=True) == "auto"
+    # block importance has no tiled path: past the threshold it still falls back
+    assert sel.select_backend_for("auto", 40) == "torch"
+    assert sel._auto_by_size("auto", 40) == "torch"
     check_select(c, inp, *run_select("triton", c, inp))
     monkeypatch.setattr(sel, "SELECT_TILED_MAX_K", 4)
     check_select(c, inp, *run_select("triton", c, inp))
