@@ -185,8 +185,13 @@ def select_table(args, schedule, device) -> str:
         tile = "n/a"
         if not args.cpu_smoke:
             tile = str(sel._tile_config(nw, NQB)) if nw <= OFF else f"> {OFF}: refused"
-            call, vs_tri = run_select(inputs, nw, k, "triton")
-            t_tri = safe(lambda: time_ms(call, device, args.warmup, args.reps))
+            old = sel.SELECT_TILED
+            sel.SELECT_TILED = False      # the one-tile kernel, whatever the width
+            try:
+                call, vs_tri = run_select(inputs, nw, k, "triton")
+                t_tri = safe(lambda: time_ms(call, device, args.warmup, args.reps))
+            finally:
+                sel.SELECT_TILED = old
             if isinstance(t_tri, float):
                 equal = picks_equal(vs_tri, vs_torch, k_eff)
             old = sel.SELECT_TILED

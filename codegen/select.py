@@ -127,10 +127,12 @@ SELECT_TOPK_ALGO = "auto"
 SELECT_TRITON_MAX_POSITIONS = 1024
 # The tiled Triton select for windows past SELECT_TRITON_MAX_POSITIONS (issue 12): tiles of
 # that many positions, each keeping its best k, merged by one torch.topk
-# (`_select_topk_tiled`). Checked against the float64 reference in the interpreter only, not
-# yet on a GPU nor timed there, so it is opt-in: False keeps the torch path above the
-# threshold. Picks with k above SELECT_TILED_MAX_K take the torch path (k rounds of a row max).
-SELECT_TILED = False
+# (`_select_topk_tiled`). Checked against the float64 reference on an H100 (tests/test_select.py)
+# and timed there at moba's sizes (docs/benchmarks.md, tenth session): 0.5-0.8 ms against the
+# torch path's 1.3-1.8 ms from 1,344 to 3,360 positions, same picks. False keeps the torch
+# path above the threshold. Picks with k above SELECT_TILED_MAX_K take the torch path (k
+# rounds of a row max).
+SELECT_TILED = True
 SELECT_TILED_MAX_K = 128
 _INT64_MIN = -(2**63)
 

@@ -582,10 +582,11 @@ def test_tiled_select_matches_reference(B, hkv, group, NQB, D, nw, spare, mode, 
     assert len(calls) == (1 if k else 0), (calls, k)
 
 
-def test_tiled_select_is_opt_in_and_leaves_large_k_to_torch(monkeypatch):
-    """Off (the default), a window past the threshold takes the torch path; on, the tiled
+def test_tiled_select_is_on_and_leaves_large_k_to_torch(monkeypatch):
+    """Off, a window past the threshold takes the torch path; on (the default), the tiled
     Triton path, except for k past SELECT_TILED_MAX_K; select_backend_for follows."""
-    assert sel.SELECT_TILED is False
+    assert sel.SELECT_TILED is True
+    monkeypatch.setattr(sel, "SELECT_TILED", False)
     monkeypatch.setattr(sel, "SELECT_TRITON_MAX_POSITIONS", 16)
     assert sel.select_backend_for("auto", 40) == "torch"
     c = dict(B=1, hkv=1, H=1, NQB=2, D=4, nwmax=40, nw=40, nslots=42, smax=0, mode="union",
@@ -610,10 +611,12 @@ def test_tiled_select_is_opt_in_and_leaves_large_k_to_torch(monkeypatch):
     assert paths == first + ["tiled", "torch"], paths
 
 
-def test_program_select_takes_the_torch_path_above_the_threshold(monkeypatch):
+@pytest.mark.parametrize("tiled", [False, True], ids=["torch-fallback", "tiled"])
+def test_program_select_switches_path_above_the_threshold(monkeypatch, tiled):
     """moba's window grows with the history; once its valid count passes
-    SELECT_TRITON_MAX_POSITIONS the program's Triton visit tables run the torch select, and
-    they equal the torch program's at every step, before and after the switch."""
+    SELECT_TRITON_MAX_POSITIONS the program's Triton visit tables run the torch select
+    (SELECT_TILED off) or the tiled Triton select (on), and they equal the torch program's
+    at every step, before and after the switch."""
     import sparsedsl as sd
     from codegen.program import PBSAProgram
     from codegen.memory import rollout_cache as rc
@@ -623,30 +626,32 @@ def test_program_select_takes_the_torch_path_above_the_threshold(monkeypatch):
                          window=sd.LocalWindow(None, sd.TopK(k=2)), name="moba-small")
     schedule = sd.lower(pattern, num_heads=2, num_kv_heads=1, head_dim=4, dtype="float32")
     program = PBSAProgram(schedule, backend="torch")
-    cache = program.new_cache(1, 1, "cpu", torch.float32)
-    first = schedule.window_block_count(2)       # Triton at steps 1-2, torch after
+    cache = program.new_cache(1, 1, DEVICE, torch.float32)   # CUDA: "triton" needs its tensors
+    first = schedule.window_block_count(2)       # one tile at steps 1-2, switched after
     monkeypatch.setattr(sel, "SELECT_TRITON_MAX_POSITIONS", first)
-    torch_calls = []
-    real = sel.select_topk_torch
+    monkeypatch.setattr(sel, "SELECT_TILED", tiled)
+    switched_calls = []
+    switched_to = "_select_topk_tiled" if tiled else "select_topk_torch"
+    real = getattr(sel, switched_to)
 
     def counted(*args, **kwargs):
-        torch_calls.append(1)
+        switched_calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sel, "select_topk_torch", counted)
+    monkeypatch.setattr(sel, switched_to, counted)
     paths = []
     steps = rc.GROWTH_START_CHUNKS + 3
     for step, chunk in enumerate(chunk_tensors(schedule, 1, 5, steps, quantize=True)):
-        q, k, v = (x.float() for x in chunk)
+        q, k, v = (x.float().to(DEVICE) for x in chunk)
         tables = cache.tables(0)
         if step:
             qb = program._blocks(q)
-            torch_calls.clear()
+            switched_calls.clear()
             got = program.visit_tables(qb, tables, step, select_backend="triton")
-            took_torch = bool(torch_calls)
+            switched = bool(switched_calls)
             want = program.visit_tables(qb, tables, step, select_backend="torch")
             assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), step
-            assert took_torch == (schedule.window_block_count(step) > first), step
-            paths.append(took_torch)
+            assert switched == (schedule.window_block_count(step) > first), step
+            paths.append(switched)
         cache.commit(0, q, k, v)
     assert paths[:2] == [False, False] and paths[-1] is True, paths
