@@ -115,14 +115,14 @@ SELECT_TOPK_ALGO = "auto"
 # 10); a tile sized by the allocation gathered and scored the empty slots too (0.99 against
 # 0.11 ms at moba's step 10 on an H100, bench/select_probe.py). Sizing by NW compiles one
 # kernel per power of two the window passes (a handful over a rollout), each once. Above
-# this many valid positions the program (`select_backend_for`) and backend="auto" take the
-# torch path (one gather, one GEMM, one torch.topk, no host sync: the same candidates, tie
+# this many valid positions select_topk runs the tiled kernel below (SELECT_TILED), and
+# block_importance, or select_topk with SELECT_TILED off, the torch path (one gather, one GEMM, one torch.topk, no host sync: the same candidates, tie
 # rule and order of picks; the fp32 scores may differ in the last bit (GEMM summation order),
 # and on CUDA the GEMM follows torch.backends.cuda.matmul.allow_tf32), which also lifts the
 # kernel's hard limit. The probe measured the Triton tile 8-11x faster than torch up to
 # 1,024 positions and slower from 2,048 (one query block a program re-gathers the whole
-# window). backend="triton" passed to select_topk / block_importance still forces the kernel
-# (up to _MAX_TRITON_POSITIONS valid positions). A positive int; set it to
+# window). backend="triton" passed to block_importance (or to select_topk with SELECT_TILED
+# off) still forces the one-tile kernel (up to _MAX_TRITON_POSITIONS valid positions). A positive int; set it to
 # _MAX_TRITON_POSITIONS to turn the fallback off.
 SELECT_TRITON_MAX_POSITIONS = 1024
 # The tiled Triton select for windows past SELECT_TRITON_MAX_POSITIONS (issue 12): tiles of
@@ -180,7 +180,8 @@ def select_backend_for(backend: str, n_positions: int, *, tiled: bool = False) -
     `n_positions` valid positions (window_count NW / domain_count ND): 'torch' when
     `backend` may pick Triton ('auto' or 'triton') and n_positions >
     SELECT_TRITON_MAX_POSITIONS, else `backend` unchanged. The program's visit tables use
-    it, so an unbounded window past the threshold runs the torch path.
+    it, so an unbounded window past the threshold runs the torch path, or with SELECT_TILED
+    on the tiled Triton select.
 
     tiled=True says the caller's kernel has a tiled path past the threshold (select_topk
     with SELECT_TILED on), so `backend` stays; block_importance has none and keeps the
