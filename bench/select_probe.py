@@ -36,6 +36,7 @@ Prints markdown tables with the device, the date and the command; `--out FILE` a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import shlex
@@ -165,6 +166,17 @@ def picks_equal(picks, reference, k_eff: int) -> str:
     return "yes" if diff == 0 else f"no: {diff} of {reference[..., 0].numel()} rows differ"
 
 
+@contextlib.contextmanager
+def select_tiled(on: bool):
+    """codegen.select.SELECT_TILED set to `on` inside the block, restored after."""
+    old = sel.SELECT_TILED
+    sel.SELECT_TILED = on
+    try:
+        yield
+    finally:
+        sel.SELECT_TILED = old
+
+
 def select_table(args, schedule, device) -> str:
     B, H, NQB, D, k = 1, args.heads, schedule.layout.chunk_blocks, args.head_dim, args.k
     tuned = (schedule.layout.blocks_per_frame * 6) if not args.cpu_smoke else 8
@@ -185,25 +197,17 @@ def select_table(args, schedule, device) -> str:
         tile = "n/a"
         if not args.cpu_smoke:
             tile = str(sel._tile_config(nw, NQB)) if nw <= OFF else f"> {OFF}: refused"
-            old = sel.SELECT_TILED
-            sel.SELECT_TILED = False      # the one-tile kernel, whatever the width
-            try:
+            with select_tiled(False):     # the one-tile kernel, whatever the width
                 call, vs_tri = run_select(inputs, nw, k, "triton")
                 t_tri = safe(lambda: time_ms(call, device, args.warmup, args.reps))
-            finally:
-                sel.SELECT_TILED = old
             if isinstance(t_tri, float):
                 equal = picks_equal(vs_tri, vs_torch, k_eff)
-            old = sel.SELECT_TILED
-            sel.SELECT_TILED = True       # past the threshold: tiles merged by one topk
-            try:
+            with select_tiled(True):      # past the threshold: tiles merged by one topk
                 call_t, vs_tiled = run_select(inputs, nw, k, "triton")
                 t_tiled = safe(lambda: time_ms(call_t, device, args.warmup, args.reps))
-            finally:
-                sel.SELECT_TILED = old
             if isinstance(t_tiled, float):
                 equal_tiled = picks_equal(vs_tiled, vs_torch, k_eff)
-        choice = sel.select_backend_for("triton", nw)
+        choice = sel.select_backend_for("triton", nw, tiled=sel.SELECT_TILED)
         rows.append(f"| {label} | {nw} | {nwmax} | {tile} | {cell(t_tri)} | "
                     f"{cell(t_torch)} | {ratio(t_tri, t_torch)} | {equal} | {choice} | "
                     f"{cell(t_tiled)} | {equal_tiled} |")

@@ -271,8 +271,8 @@ class PBSAProgram:
                                                      check_values=validate)
             # the Triton tile is sized by the valid window n_window (not the pool, which
             # doubles with an unbounded window's history); above
-            # select.SELECT_TRITON_MAX_POSITIONS positions the select runs its torch path
-            # (same picks; issue 12)
+            # select.SELECT_TRITON_MAX_POSITIONS positions the select runs the tiled Triton
+            # select (select.SELECT_TILED) or else its torch path (same picks; issue 12)
             backend = select_ops.select_backend_for(select_backend, n_window,
                                                     tiled=select_ops.SELECT_TILED)
             select_ops.select_topk(q_rep, tables.k_rep, tables.window_slots, n_window, pos,

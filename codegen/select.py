@@ -116,14 +116,15 @@ SELECT_TOPK_ALGO = "auto"
 # 0.11 ms at moba's step 10 on an H100, bench/select_probe.py). Sizing by NW compiles one
 # kernel per power of two the window passes (a handful over a rollout), each once. Above
 # this many valid positions select_topk runs the tiled kernel below (SELECT_TILED), and
-# block_importance, or select_topk with SELECT_TILED off, the torch path (one gather, one GEMM, one torch.topk, no host sync: the same candidates, tie
-# rule and order of picks; the fp32 scores may differ in the last bit (GEMM summation order),
-# and on CUDA the GEMM follows torch.backends.cuda.matmul.allow_tf32), which also lifts the
-# kernel's hard limit. The probe measured the Triton tile 8-11x faster than torch up to
-# 1,024 positions and slower from 2,048 (one query block a program re-gathers the whole
-# window). backend="triton" passed to block_importance (or to select_topk with SELECT_TILED
-# off) still forces the one-tile kernel (up to _MAX_TRITON_POSITIONS valid positions). A positive int; set it to
-# _MAX_TRITON_POSITIONS to turn the fallback off.
+# block_importance, or select_topk with SELECT_TILED off, the torch path (one gather, one
+# GEMM, one torch.topk, no host sync: the same candidates, tie rule and order of picks; the
+# fp32 scores may differ in the last bit (GEMM summation order), and on CUDA the GEMM
+# follows torch.backends.cuda.matmul.allow_tf32), which also lifts the kernel's hard limit.
+# The probe measured the Triton tile 8-11x faster than torch up to 1,024 positions and
+# slower from 2,048 (one query block a program re-gathers the whole window).
+# backend="triton" passed to block_importance (or to select_topk with SELECT_TILED off)
+# still forces the one-tile kernel (up to _MAX_TRITON_POSITIONS valid positions). A
+# positive int; set it to _MAX_TRITON_POSITIONS to turn the fallback off.
 SELECT_TRITON_MAX_POSITIONS = 1024
 # The tiled Triton select for windows past SELECT_TRITON_MAX_POSITIONS (issue 12): tiles of
 # that many positions, each keeping its best k, merged by one torch.topk
